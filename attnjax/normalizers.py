@@ -1,0 +1,139 @@
+"""Normalizers: how scores become attention weights.
+
+Two families, and the blockwise implementations treat them differently:
+
+* **row-normalized** (``softmax``): weights depend on the whole row, so tiles keep a running
+  max and sum ("online softmax") and the op can return the log-sum-exp;
+* **elementwise** (``sigmoid``, ``relu``, ``identity``, or your own): ``w = f(s)`` entry by
+  entry, so tiles just accumulate ``f(S) V``; no row statistics, no rescaling, and the backward
+  pass needs no ``rowsum(dO * O)`` pre-pass.
+
+Masked entries always get weight exactly zero; a row with every key masked gives zeros.
+Elementwise normalizers are pytrees: a learnable sigmoid bias gets its gradient.
+
+>>> import jax.numpy as jnp
+>>> from attnjax import normalizers
+>>> normalizers.sigmoid(bias=0.0).weights(4, jnp.zeros(2))
+Array([0.5, 0.5], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array
+
+from attnjax.masks import _pytree
+
+# Masked scores are set to this finite value in dense softmax (not -inf) so that a fully
+# masked row gives finite gradients; its weights are then zeroed explicitly.
+MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+class Normalizer:
+    """Base class. ``row_normalized`` says which family the normalizer belongs to."""
+
+    row_normalized: bool = False
+
+    def weights(self, kv_len: int, s: Array) -> Array:
+        """Elementwise weights ``f(s)`` (elementwise normalizers only)."""
+        raise NotImplementedError
+
+    def dense(self, kv_len: int, s: Array, allowed: Array) -> Array:
+        """Weights of a whole ``[..., S]`` score matrix with boolean ``allowed`` (reference)."""
+        return jnp.where(allowed, self.weights(kv_len, jnp.where(allowed, s, 0.0)), 0.0)
+
+
+@_pytree()
+class Softmax(Normalizer):
+    """``softmax(s)`` over the keys of each row."""
+
+    row_normalized = True
+
+    def dense(self, kv_len, s, allowed):
+        w = jax.nn.softmax(jnp.where(allowed, s, MASKED), axis=-1)
+        return jnp.where(allowed, w, 0.0)
+
+
+@_pytree(data=("bias",))
+class Sigmoid(Normalizer):
+    """``sigmoid(s + bias)``; ``bias=None`` means ``-log(S)`` (Ramapuram et al., 2024)."""
+
+    bias: Array | None = None
+
+    def weights(self, kv_len, s):
+        bias = -math.log(kv_len) if self.bias is None else jnp.asarray(self.bias, jnp.float32)
+        return jax.nn.sigmoid(s + bias)
+
+
+@_pytree()
+class Relu(Normalizer):
+    """``relu(s) / S`` ("Replacing softmax with ReLU in Vision Transformers", Wortsman et al.)."""
+
+    def weights(self, kv_len, s):
+        return jax.nn.relu(s) / kv_len
+
+
+@_pytree()
+class Identity(Normalizer):
+    """Unnormalized: the weights are the scores themselves."""
+
+    def weights(self, kv_len, s):
+        return s
+
+
+@_pytree(meta=("fn",))
+class Elementwise(Normalizer):
+    """Any elementwise ``fn(s)``, applied to float32 scores."""
+
+    fn: Callable
+
+    def weights(self, kv_len, s):
+        return self.fn(s)
+
+
+def softmax() -> Normalizer:
+    return Softmax()
+
+
+def sigmoid(bias: float | Array | None = None) -> Normalizer:
+    """Sigmoid normalizer; ``bias`` defaults to ``-log(S)`` with ``S`` the key length."""
+    return Sigmoid(None if bias is None else jnp.asarray(bias, jnp.float32))
+
+
+def relu() -> Normalizer:
+    return Relu()
+
+
+def identity() -> Normalizer:
+    return Identity()
+
+
+def elementwise(fn: Callable[[Array], Array]) -> Normalizer:
+    """Your own elementwise normalizer ``w = fn(s)``."""
+    if not callable(fn):
+        raise TypeError(f"normalizers.elementwise needs a callable; got {fn!r}")
+    return Elementwise(fn)
+
+
+_BY_NAME = {"softmax": softmax, "sigmoid": sigmoid, "relu": relu, "identity": identity}
+
+
+def as_normalizer(normalizer: str | Normalizer, sigmoid_bias=None) -> Normalizer:
+    """Resolves the ``normalizer`` argument of the ops (a name or a Normalizer)."""
+    if isinstance(normalizer, Normalizer):
+        if sigmoid_bias is not None:
+            raise ValueError("sigmoid_bias is only used with normalizer='sigmoid'")
+        return normalizer
+    if normalizer not in _BY_NAME:
+        raise ValueError(
+            f"normalizer must be one of {sorted(_BY_NAME)} or a Normalizer; got {normalizer!r}"
+        )
+    if normalizer == "sigmoid":
+        return sigmoid(sigmoid_bias)
+    if sigmoid_bias is not None:
+        raise ValueError(f"sigmoid_bias is only used with normalizer='sigmoid'; got {normalizer!r}")
+    return _BY_NAME[normalizer]()

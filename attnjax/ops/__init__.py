@@ -1,0 +1,10 @@
+"""The public functional API: ``attnjax.ops.<variant>(q, k, v, ...) -> out``.
+
+Tensors are ``[batch, seq, heads, head_dim]``; see :mod:`attnjax.ops._common` for the letter
+legend. Every op takes ``implementation=None | "reference" | "xla" | "pallas"``.
+"""
+
+from attnjax.ops.attention import attention, sigmoid_attention
+from attnjax.ops.xla import BlockSizes
+
+__all__ = ["attention", "sigmoid_attention", "BlockSizes"]

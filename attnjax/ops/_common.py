@@ -1,0 +1,119 @@
+"""Pieces shared by every implementation of the generic attention op.
+
+Letter legend (used in every shape comment of attnjax): B batch, T query length, S key length,
+H query heads, K key/value heads (K divides H; G = H // K queries share a key head),
+D query/key head dim, E value head dim.
+
+The logits of a tile are computed by one function, :func:`logits`, for the dense reference
+(one tile covering everything), the blockwise XLA path and its hand-written backward (through
+``jax.vjp`` of this same function), so the three cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Float
+
+from attnjax.masks import Mask
+from attnjax.normalizers import Normalizer
+from attnjax.score_mods import ScoreMod
+
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+    """Static sizes of one attention problem."""
+
+    batch: int
+    q_len: int
+    kv_len: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    v_dim: int
+
+    @property
+    def groups(self) -> int:
+        return self.heads // self.kv_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """Everything but the arrays: what to compute. ``mask``/``score_mod``/``normalizer`` are
+    pytrees (their arrays may be traced); the rest is static."""
+
+    dims: Dims
+    scale: float
+    mask: Mask | None
+    score_mod: ScoreMod | None
+    normalizer: Normalizer
+
+
+def _precision(dtype) -> lax.Precision:
+    # float32 inputs get float32 matmuls on every backend (TPU/GPU default to bf16/tf32 passes);
+    # low-precision inputs use the native MXU/tensor-core path with float32 accumulation.
+    return lax.Precision.HIGHEST if dtype == jnp.float32 else lax.Precision.DEFAULT
+
+
+def scores(q: Float[Array, "B t H D"], k: Float[Array, "B s K D"], scale: float) -> Array:
+    """Scaled dot products in float32, ``[B, H, t, s]``, without repeating K/V heads for GQA."""
+    B, t, H, D = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, t, K, H // K, D)
+    s = jnp.einsum(
+        "btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32, precision=_precision(q.dtype)
+    )
+    return s.reshape(B, H, t, k.shape[1]) * scale
+
+
+def weighted_values(w: Float[Array, "B H t s"], v: Float[Array, "B s K E"]) -> Array:
+    """``w @ v`` per head in float32, ``[B, H, t, E]``."""
+    B, H, t, s = w.shape
+    K = v.shape[2]
+    wg = w.reshape(B, K, H // K, t, s)
+    out = jnp.einsum(
+        "bkgts,bske->bkgte", wg, v, preferred_element_type=jnp.float32, precision=_precision(v.dtype)
+    )
+    return out.reshape(B, H, t, v.shape[-1])
+
+
+def index_arrays(dims: Dims, q_idx: Array, kv_idx: Array):
+    """Broadcasting index arrays ``b, h, q, kv`` for a tile with the given positions."""
+    b = jnp.arange(dims.batch, dtype=jnp.int32)[:, None, None, None]
+    h = jnp.arange(dims.heads, dtype=jnp.int32)[None, :, None, None]
+    return b, h, q_idx[None, None, :, None], kv_idx[None, None, None, :]
+
+
+def logits(
+    problem: Problem,
+    score_mod: ScoreMod | None,
+    q: Array,
+    k: Array,
+    bias: Array | None,
+    q_idx: Array,
+    kv_idx: Array,
+) -> Float[Array, "B H t s"]:
+    """Logits of a tile: ``score_mod(scale * q k^T + bias)``, float32.
+
+    ``score_mod`` is passed separately from ``problem`` so callers can differentiate it.
+    """
+    s = scores(q, k, problem.scale)
+    if bias is not None:
+        s = s + bias.astype(jnp.float32)
+    if score_mod is not None:
+        d = problem.dims
+        s = score_mod(d.q_len, d.kv_len, s, *index_arrays(d, q_idx, kv_idx))
+    return s
+
+
+def allowed(problem: Problem, q_idx: Array, kv_idx: Array) -> Array:
+    """Which entries of a tile are attended: the mask, and keys inside the real sequence."""
+    d = problem.dims
+    b, h, qi, ki = index_arrays(d, q_idx, kv_idx)
+    valid = ki < d.kv_len
+    if problem.mask is None:
+        return valid
+    return valid & problem.mask.predicate(d.q_len, d.kv_len, b, h, qi, ki)

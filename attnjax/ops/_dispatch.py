@@ -1,0 +1,48 @@
+"""Choosing an implementation: one place for every op.
+
+``implementation`` is ``None``, a name (``"reference"``, ``"xla"``, ``"pallas"``) or a sequence of
+names tried in order. An implementation that cannot serve a call raises ``NotImplementedError``
+and the next one is tried; ``None`` means the platform's preferred order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+
+NAMES = ("reference", "xla", "pallas")
+
+
+def default_order() -> tuple[str, ...]:
+    # Pallas kernels compile for GPU/TPU; on CPU they only run in (slow) interpret mode.
+    if jax.default_backend() in ("gpu", "tpu"):
+        return ("pallas", "xla", "reference")
+    return ("xla", "reference")
+
+
+def candidates(implementation: str | Sequence[str] | None) -> tuple[str, ...]:
+    if implementation is None:
+        return default_order()
+    names = (implementation,) if isinstance(implementation, str) else tuple(implementation)
+    for name in names:
+        if name not in NAMES:
+            raise ValueError(f"implementation must be None, one of {NAMES} or a sequence of them; got {name!r}")
+    if not names:
+        raise ValueError("implementation must not be an empty sequence")
+    return names
+
+
+def run(op: str, impls: Mapping[str, Callable], implementation, *args, **kwargs):
+    """Calls the first implementation of ``op`` that serves these arguments."""
+    reasons = []
+    for name in candidates(implementation):
+        fn = impls.get(name)
+        if fn is None:
+            reasons.append(f"{name}: {op} has no {name} implementation")
+            continue
+        try:
+            return fn(*args, **kwargs)
+        except NotImplementedError as e:
+            reasons.append(f"{name}: {e}")
+    raise NotImplementedError(f"no implementation of {op} could serve this call ({'; '.join(reasons)})")

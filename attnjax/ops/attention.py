@@ -1,0 +1,168 @@
+"""The generic attention op: ``normalize(score_mod(scale * q k^T + bias), mask) v``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from jaxtyping import Array, Float
+
+from attnjax import _checks
+from attnjax.masks import Mask
+from attnjax.normalizers import Normalizer, as_normalizer
+from attnjax.ops import _dispatch, reference, xla
+from attnjax.ops._common import Dims, Problem
+from attnjax.ops.xla import BlockSizes
+from attnjax.score_mods import ScoreMod, as_score_mod
+
+Implementation = str | Sequence[str] | None
+
+
+def attention(
+    q: Float[Array, "B T H D"],
+    k: Float[Array, "B S K D"],
+    v: Float[Array, "B S K E"],
+    *,
+    mask: Mask | None = None,
+    score_mod: ScoreMod | None = None,
+    bias: Float[Array, "#B #H #T #S"] | None = None,
+    normalizer: str | Normalizer = "softmax",
+    sigmoid_bias: float | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    implementation: Implementation = None,
+    block_sizes: BlockSizes | None = None,
+) -> Float[Array, "B T H E"] | tuple[Float[Array, "B T H E"], Float[Array, "B T H"]]:
+    r"""Attention with a composable mask, score mod and normalizer.
+
+    .. math::
+
+        O = N\big(\mathrm{mod}(\tfrac{1}{\sqrt{D}} Q K^\top + \mathrm{bias}),\ \mathrm{mask}\big)\, V
+
+    where ``N`` is the normalizer (softmax over keys by default; sigmoid
+    ``sigma(s - log S)`` as in "Theory, Analysis, and Best Practices for Sigmoid
+    Self-Attention"; ``relu``; ``identity``) and masked entries get weight zero. A query with no
+    allowed key gives a zero output (never NaN). Arithmetic is float32 whatever the input dtype.
+
+    Args:
+      q: queries ``[B, T, H, D]``.
+      k: keys ``[B, S, K, D]``; ``K`` divides ``H`` (grouped-query attention: query head ``h``
+        uses key head ``h // (H // K)``; K/V are never repeated in memory).
+      v: values ``[B, S, K, E]``.
+      mask: an :mod:`attnjax.masks` mask (combine with ``&``, ``|``, ``~``). Positional masks are
+        aligned bottom-right: with ``T != S``, query ``i`` sits at position ``i + S - T``.
+      score_mod: an :mod:`attnjax.score_mods` mod, a callable ``(score, b, h, q_idx, kv_idx)``,
+        or a sequence of them (applied in order).
+      bias: additive logits, broadcastable to ``[B, H, T, S]`` (rank 4); it gets gradients.
+      normalizer: ``"softmax"``, ``"sigmoid"``, ``"relu"``, ``"identity"`` or a
+        :class:`attnjax.normalizers.Normalizer`.
+      sigmoid_bias: the sigmoid's bias ``b`` in ``sigma(s + b)``; default ``-log(S)``.
+      scale: logit scale; default ``1 / sqrt(D)``.
+      return_lse: also return the float32 log-sum-exp of each row's logits, ``[B, T, H]``
+        (``-inf`` for rows with no allowed key), to merge partial attentions. Softmax only.
+      implementation: ``None`` (best for the platform), ``"reference"`` (dense),
+        ``"xla"`` (blockwise, memory ``O(T * block)``, skips empty tiles), ``"pallas"``, or a
+        sequence of them tried in order.
+      block_sizes: tile sizes for the blockwise implementations.
+
+    Returns:
+      ``[B, T, H, E]`` in ``q.dtype``, and the log-sum-exp if ``return_lse``.
+
+    Example:
+
+    >>> import jax, jax.numpy as jnp
+    >>> from attnjax import masks, ops
+    >>> q = k = v = jax.random.normal(jax.random.key(0), (2, 10, 4, 8))
+    >>> out = ops.attention(q, k, v, mask=masks.causal())
+    >>> ref = ops.attention(q, k, v, mask=masks.causal(), implementation="reference")
+    >>> out.shape, bool(jnp.allclose(out, ref, atol=1e-5))
+    ((2, 10, 4, 8), True)
+    """
+    problem = _problem(q, k, v, mask, score_mod, bias, normalizer, sigmoid_bias, scale)
+    if return_lse and not problem.normalizer.row_normalized:
+        raise ValueError(
+            f"return_lse needs a row-normalized normalizer (softmax); got {type(problem.normalizer).__name__}"
+        )
+    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+        raise TypeError(f"block_sizes must be an attnjax.ops.BlockSizes; got {block_sizes!r}")
+    impls = {
+        "reference": lambda: reference.attention(problem, q, k, v, bias),
+        "xla": lambda: xla.attention(problem, q, k, v, bias, block_sizes),
+        "pallas": _pallas_unavailable,
+    }
+    out, lse = _dispatch.run("attention", impls, implementation)
+    return (out, lse) if return_lse else out
+
+
+def sigmoid_attention(
+    q: Float[Array, "B T H D"],
+    k: Float[Array, "B S K D"],
+    v: Float[Array, "B S K E"],
+    *,
+    mask: Mask | None = None,
+    sigmoid_bias: float | None = None,
+    scale: float | None = None,
+    score_mod: ScoreMod | None = None,
+    bias: Float[Array, "#B #H #T #S"] | None = None,
+    implementation: Implementation = None,
+    block_sizes: BlockSizes | None = None,
+) -> Float[Array, "B T H E"]:
+    r"""Sigmoid attention ("Theory, Analysis, and Best Practices for Sigmoid Self-Attention",
+    Ramapuram et al., 2024): :math:`O = \sigma(\mathrm{scale}\, Q K^\top + b)\, V`, with
+    ``b = -log(S)`` by default.
+
+    No row max, no row sum: each weight depends on its own logit only. Arguments are those of
+    :func:`attention`.
+
+    >>> import jax
+    >>> from attnjax import ops
+    >>> q = k = v = jax.random.normal(jax.random.key(0), (1, 6, 2, 4))
+    >>> ops.sigmoid_attention(q, k, v).shape
+    (1, 6, 2, 4)
+    """
+    return attention(
+        q, k, v, mask=mask, score_mod=score_mod, bias=bias, normalizer="sigmoid",
+        sigmoid_bias=sigmoid_bias, scale=scale, implementation=implementation,
+        block_sizes=block_sizes,
+    )
+
+
+def _pallas_unavailable():
+    raise NotImplementedError("the Pallas flash kernel has not landed yet")
+
+
+def _problem(q, k, v, mask, score_mod, bias, normalizer, sigmoid_bias, scale) -> Problem:
+    """Validates the arguments of the generic op and bundles them."""
+    B, T, H, D = _checks.check_rank("q", q, ("batch", "q_len", "heads", "head_dim"))
+    kshape = _checks.check_rank("k", k, ("batch", "kv_len", "kv_heads", "head_dim"))
+    vshape = _checks.check_rank("v", v, ("batch", "kv_len", "kv_heads", "v_head_dim"))
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _checks.check_float(name, x)
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k and v must have one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    S, K = kshape[1], kshape[2]
+    _checks.check_dim("k", kshape, 0, B, "batch, as in q")
+    _checks.check_dim("k", kshape, 3, D, "head_dim, as in q")
+    if vshape[:3] != kshape[:3]:
+        raise ValueError(f"v has shape {vshape}; its first three axes must match k's {kshape[:3]} [batch, kv_len, kv_heads]")
+    if H % K:
+        raise ValueError(f"k has {K} heads (shape {kshape}), which must divide the {H} query heads of q")
+    if T == 0 or S == 0:
+        raise ValueError(f"q_len and kv_len must be >= 1; got q shape {q.shape}, k shape {kshape}")
+    if mask is not None:
+        if not isinstance(mask, Mask):
+            raise TypeError(f"mask must be an attnjax.masks mask or None; got {type(mask).__name__}")
+        mask.check(B, H, T, S)
+    score_mod = as_score_mod(score_mod)
+    if score_mod is not None:
+        score_mod.check(H)
+    if bias is not None:
+        _checks.broadcastable_to("bias", bias, (B, H, T, S), ("batch", "heads", "q_len", "kv_len"))
+        _checks.check_float("bias", bias)
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    elif not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a Python number (use score_mods.temperature for a learned one); got {scale!r}")
+    dims = Dims(B, T, S, H, K, D, vshape[3])
+    return Problem(dims, float(scale), mask, score_mod, as_normalizer(normalizer, sigmoid_bias))
+

@@ -1,0 +1,204 @@
+"""Score modifications: ``(score, b, h, q_idx, kv_idx) -> score`` applied before the normalizer.
+
+Score mods are pytrees: their arrays (ALiBi slopes, a relative-position table, a temperature)
+are leaves, so gradients flow to them through every implementation, including the blockwise
+ones whose backward pass is written by hand. They compose: ``compose(alibi(s), softcap(30.))``
+applies ALiBi first, then the soft cap.
+
+Positions are aligned bottom-right as in :mod:`attnjax.masks`: query ``i`` of ``T`` sits at
+absolute position ``i + S - T``, so relative distances are ``kv_idx - (q_idx + S - T)``.
+
+Example:
+
+>>> import jax.numpy as jnp
+>>> from attnjax import score_mods
+>>> mod = score_mods.compose(score_mods.alibi(jnp.array([0.5])), score_mods.softcap(2.0))
+>>> s = jnp.zeros((1, 1, 1, 3))
+>>> idx = (jnp.zeros((1,1,1,1), int), jnp.zeros((1,1,1,1), int), jnp.full((1,1,1,1), 2), jnp.arange(3)[None,None,None])
+>>> mod(1, 3, s, *idx).round(3)
+Array([[[[-0.762, -0.462,  0.   ]]]], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, PyTree
+
+from attnjax import _checks
+from attnjax.masks import _pytree
+
+
+class ScoreMod:
+    """Base class. ``__call__(q_len, kv_len, score, b, h, q_idx, kv_idx)`` returns new scores.
+
+    ``score`` is float32 ``[B, H, Tq, Sk]`` (a tile or the whole matrix); the index arrays
+    broadcast against it. ``q_len``/``kv_len`` are the full lengths (for alignment).
+    """
+
+    def __call__(self, q_len: int, kv_len: int, score, b, h, q_idx, kv_idx) -> Array:
+        raise NotImplementedError
+
+    def check(self, heads: int) -> None:
+        """Raises ValueError if the mod's arrays do not fit ``heads`` query heads."""
+
+
+def _head_param(x, h) -> Array:
+    """A scalar or per-head ``[H]`` parameter, broadcast against ``[B, H, T, S]`` scores."""
+    x = jnp.asarray(x, jnp.float32)
+    return x if x.ndim == 0 else x[h]
+
+
+@_pytree(data=("slopes",))
+class Alibi(ScoreMod):
+    slopes: Array  # [H]
+
+    def __call__(self, q_len, kv_len, score, b, h, q_idx, kv_idx):
+        distance = jnp.abs(q_idx + (kv_len - q_len) - kv_idx).astype(jnp.float32)
+        return score - _head_param(self.slopes, h) * distance
+
+    def check(self, heads):
+        _checks.per_head("alibi slopes", self.slopes, heads)
+
+
+@_pytree(data=("cap",))
+class Softcap(ScoreMod):
+    cap: Array
+
+    def __call__(self, q_len, kv_len, score, b, h, q_idx, kv_idx):
+        cap = jnp.asarray(self.cap, jnp.float32)
+        return cap * jnp.tanh(score / cap)
+
+
+@_pytree(data=("table",))
+class RelativeBias(ScoreMod):
+    table: Array  # [H, 2R + 1]: entry R + d is the bias at relative distance d = kv - q
+
+    def __call__(self, q_len, kv_len, score, b, h, q_idx, kv_idx):
+        radius = (self.table.shape[1] - 1) // 2
+        distance = jnp.clip(kv_idx - (q_idx + (kv_len - q_len)), -radius, radius) + radius
+        return score + self.table.astype(jnp.float32)[h, distance]
+
+    def check(self, heads):
+        shape = jnp.shape(self.table)
+        if len(shape) != 2 or shape[0] != heads or shape[1] % 2 != 1:
+            raise ValueError(
+                f"relative_bias table must have shape [heads={heads}, 2 * max_distance + 1]; got {shape}"
+            )
+
+
+@_pytree(data=("t",))
+class Temperature(ScoreMod):
+    t: Array  # scalar or [H]
+
+    def __call__(self, q_len, kv_len, score, b, h, q_idx, kv_idx):
+        return score / _head_param(self.t, h)
+
+    def check(self, heads):
+        _checks.per_head("temperature", self.t, heads)
+
+
+@_pytree(data=("params",), meta=("fn",))
+class FromFn(ScoreMod):
+    fn: Callable
+    params: PyTree
+
+    def __call__(self, q_len, kv_len, score, b, h, q_idx, kv_idx):
+        if self.params is None:
+            return self.fn(score, b, h, q_idx, kv_idx)
+        return self.fn(self.params, score, b, h, q_idx, kv_idx)
+
+
+@_pytree(data=("mods",))
+class Compose(ScoreMod):
+    mods: tuple[ScoreMod, ...]
+
+    def __call__(self, q_len, kv_len, score, b, h, q_idx, kv_idx):
+        for mod in self.mods:
+            score = mod(q_len, kv_len, score, b, h, q_idx, kv_idx)
+        return score
+
+    def check(self, heads):
+        for mod in self.mods:
+            mod.check(heads)
+
+
+def alibi(slopes: Float[Array, "H"]) -> ScoreMod:
+    """ALiBi ("Train Short, Test Long"): ``score - slope_h * |pos(q) - kv|``.
+
+    ``slopes`` is ``[H]`` (see :func:`alibi_slopes`). Under a causal mask this is the paper's
+    ``slope_h * (kv - pos(q))``; without one it is the symmetric form.
+    """
+    return Alibi(jnp.asarray(slopes))
+
+
+def alibi_slopes(num_heads: int) -> Float[Array, "H"]:
+    """The ALiBi paper's geometric slopes ``2^(-8 i / n)``, extended to non-powers of two."""
+    num_heads = _checks.positive_int("num_heads", num_heads)
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2.0 ** (-8.0 / closest)
+    slopes = [base ** (i + 1) for i in range(closest)]
+    if closest < num_heads:  # interleave the slopes of the next power of two, as the paper does
+        extra = 2.0 ** (-4.0 / closest)
+        slopes += [extra ** (2 * i + 1) for i in range(num_heads - closest)]
+    return jnp.asarray(np.array(slopes, np.float32))
+
+
+def softcap(cap: float) -> ScoreMod:
+    """Soft-capping (Gemma 2): ``cap * tanh(score / cap)``, bounding logits to ``(-cap, cap)``."""
+    if isinstance(cap, (int, float)) and not cap > 0:
+        raise ValueError(f"softcap cap must be > 0; got {cap}")
+    return Softcap(jnp.asarray(cap, jnp.float32))
+
+
+def relative_bias(table: Float[Array, "H R"]) -> ScoreMod:
+    """Learnable relative-position bias: ``score + table[h, clip(kv - pos(q), -R, R) + R]``.
+
+    ``table`` is ``[H, 2R + 1]``; distances beyond ``R`` share the edge entries.
+    """
+    table = jnp.asarray(table)
+    _checks.check_float("relative_bias table", table)
+    return RelativeBias(table)
+
+
+def temperature(t: float | Float[Array, "H"]) -> ScoreMod:
+    """Divides scores by a temperature ``t`` (scalar or per head ``[H]``)."""
+    return Temperature(jnp.asarray(t, jnp.float32))
+
+
+def from_fn(fn: Callable, params: PyTree = None) -> ScoreMod:
+    """A score mod from a function.
+
+    Without ``params``: ``fn(score, b, h, q_idx, kv_idx)``. With ``params`` (a pytree of arrays
+    that should receive gradients, e.g. a learnable bias): ``fn(params, score, b, h, q_idx,
+    kv_idx)``. Pass learnable arrays through ``params`` rather than closing over them: the
+    blockwise implementations differentiate with respect to ``params`` explicitly. Indices are
+    raw (``q_idx`` in ``[0, T)``, ``kv_idx`` in ``[0, S)``).
+    """
+    if not callable(fn):
+        raise TypeError(f"score_mods.from_fn needs a callable; got {fn!r}")
+    return FromFn(fn, params)
+
+
+def compose(*mods: ScoreMod | Callable) -> ScoreMod:
+    """Applies ``mods`` left to right. Plain callables are wrapped with :func:`from_fn`."""
+    flat: list[ScoreMod] = []
+    for mod in mods:
+        mod = as_score_mod(mod)
+        flat.extend(mod.mods if isinstance(mod, Compose) else (mod,))
+    return Compose(tuple(flat))
+
+
+def as_score_mod(mod) -> ScoreMod | None:
+    """Normalizes the ``score_mod`` argument: None, a ScoreMod, a callable or a sequence."""
+    if mod is None or isinstance(mod, ScoreMod):
+        return mod
+    if isinstance(mod, (list, tuple)):
+        return compose(*mod)
+    if callable(mod):
+        return from_fn(mod)
+    raise TypeError(f"score_mod must be a ScoreMod, a callable or a sequence of them; got {mod!r}")
+
