@@ -1,0 +1,1 @@
+"""Training experiments, tasks, configs and benchmarks built on attnjax."""
