@@ -80,11 +80,26 @@ def weighted_values(w: Float[Array, "B H t s"], v: Float[Array, "B s K E"]) -> A
     return out.reshape(B, H, t, v.shape[-1])
 
 
-def index_arrays(dims: Dims, q_idx: Array, kv_idx: Array):
-    """Broadcasting index arrays ``b, h, q, kv`` for a tile with the given positions."""
-    b = jnp.arange(dims.batch, dtype=jnp.int32)[:, None, None, None]
-    h = jnp.arange(dims.heads, dtype=jnp.int32)[None, :, None, None]
+def index_arrays(dims: Dims, q_idx: Array, kv_idx: Array, bh=None):
+    """Broadcasting index arrays ``b, h, q, kv`` for a tile with the given positions.
+
+    ``bh=(b, h)`` gives scalar batch/head indices (a kernel instance's program ids); by default
+    every batch element and head is covered.
+    """
+    if bh is None:
+        b = jnp.arange(dims.batch, dtype=jnp.int32)[:, None, None, None]
+        h = jnp.arange(dims.heads, dtype=jnp.int32)[None, :, None, None]
+    else:
+        b, h = (jnp.reshape(x, (1, 1, 1, 1)).astype(jnp.int32) for x in bh)
     return b, h, q_idx[None, None, :, None], kv_idx[None, None, None, :]
+
+
+def modify(problem: Problem, score_mod: ScoreMod | None, s: Array, q_idx, kv_idx, bh=None) -> Array:
+    """Applies ``score_mod`` to float32 scores ``s`` (``[B|1, H|1, t, s]``)."""
+    if score_mod is None:
+        return s
+    d = problem.dims
+    return score_mod(d.q_len, d.kv_len, s, *index_arrays(d, q_idx, kv_idx, bh))
 
 
 def logits(
@@ -103,17 +118,67 @@ def logits(
     s = scores(q, k, problem.scale)
     if bias is not None:
         s = s + bias.astype(jnp.float32)
-    if score_mod is not None:
-        d = problem.dims
-        s = score_mod(d.q_len, d.kv_len, s, *index_arrays(d, q_idx, kv_idx))
-    return s
+    return modify(problem, score_mod, s, q_idx, kv_idx)
 
 
-def allowed(problem: Problem, q_idx: Array, kv_idx: Array) -> Array:
+def allowed(problem: Problem, q_idx: Array, kv_idx: Array, bh=None) -> Array:
     """Which entries of a tile are attended: the mask, and keys inside the real sequence."""
     d = problem.dims
-    b, h, qi, ki = index_arrays(d, q_idx, kv_idx)
+    b, h, qi, ki = index_arrays(d, q_idx, kv_idx, bh)
     valid = ki < d.kv_len
     if problem.mask is None:
         return valid
     return valid & problem.mask.predicate(d.q_len, d.kv_len, b, h, qi, ki)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tile updates shared by the blockwise paths (xla and the Pallas kernels).
+
+
+def softmax_update(carry, s: Array, pv):
+    """One online-softmax step: fold a tile of logits ``s`` (masked entries ``-inf``) into the
+    running ``(max, sum, acc)``; ``pv(p)`` multiplies tile weights by the tile's values."""
+    m, l, acc = carry
+    m_new = jnp.maximum(m, s.max(-1))
+    # Rows that have seen no allowed key yet keep m = -inf; shift them by 0 instead so exp()
+    # gives exact zeros rather than NaN (-inf - -inf).
+    m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
+    p = jnp.exp(s - m_safe[..., None])
+    alpha = jnp.exp(m - m_safe)
+    return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv(p)
+
+
+def softmax_finish(m: Array, l: Array, acc: Array):
+    """Output and log-sum-exp; a row with no allowed key gives zeros and ``-inf``."""
+    empty = l == 0.0
+    out = acc / jnp.where(empty, 1.0, l)[..., None]
+    lse = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
+    return out, lse
+
+
+def masked_logits(s: Array, ok: Array | None, fill: float) -> Array:
+    return s if ok is None else jnp.where(ok, s, fill)
+
+
+def elementwise_weights(normalizer: Normalizer, kv_len: int, s: Array, ok: Array | None) -> Array:
+    """``f(s)`` with masked entries exactly zero (``f`` never sees a masked logit)."""
+    w = normalizer.weights(kv_len, masked_logits(s, ok, 0.0))
+    return w if ok is None else jnp.where(ok, w, 0.0)
+
+
+def tile_backward(normalizer: Normalizer, kv_len: int, s, ok, lse, delta, dp):
+    """Per-tile backward of the normalizer: returns ``(p, ds, d_normalizer)``.
+
+    ``s`` are the tile's logits, ``ok`` its mask (None for a full tile), ``dp = dO V^T``. For
+    softmax ``lse`` and ``delta = rowsum(dO * O) - dlse`` are per row (``[..., t, 1]``) and
+    ``ds = p * (dp - delta)``; elementwise normalizers differentiate ``f`` with ``jax.vjp``.
+    """
+    if normalizer.row_normalized:
+        p = jnp.exp(masked_logits(s, ok, -jnp.inf) - lse)
+        zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), normalizer)
+        return p, p * (dp - delta), zeros
+    p, w_vjp = jax.vjp(lambda s_, n_: n_.weights(kv_len, s_), masked_logits(s, ok, 0.0), normalizer)
+    if ok is not None:
+        p, dp = jnp.where(ok, p, 0.0), jnp.where(ok, dp, 0.0)
+    ds, d_norm = w_vjp(dp)
+    return p, ds, d_norm

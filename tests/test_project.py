@@ -1,0 +1,51 @@
+"""The project's promises about itself: README commands, runnable docs, demo and benchmarks."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+
+
+def test_ci_runs_the_readme_test_command():
+    setup = _readme_blocks("bash")[0].strip().splitlines()
+    assert len(setup) == 2, "README opens with exactly two set-up commands"
+    ci_command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci_command == setup[1]
+    assert "experiments.demo" in setup[0]
+
+
+def test_readme_python_blocks_run():
+    namespace: dict = {}
+    for block in _readme_blocks("python"):
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own docs
+
+
+def test_demo_agrees_with_reference(capsys):
+    from experiments import demo
+
+    rows = demo.main(T=128)
+    assert len(rows) >= 8
+    assert all(r["max_error"] < 1e-4 for r in rows), rows
+    assert "max |xla - ref|" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_cpu_benchmark_smoke(tmp_path):
+    out = tmp_path / "attention.json"
+    subprocess.run([sys.executable, "-m", "experiments.bench.cpu", "attention", "--quick", "--out", str(out)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert {r["implementation"] for r in rows} == {"reference", "xla", "jax.nn"}
+    assert all("seconds" in r and r["seconds"] > 0 for r in rows), rows
