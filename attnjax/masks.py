@@ -97,8 +97,10 @@ class Mask:
     """Base class of masks. Subclasses define ``predicate`` and ``bounds``.
 
     ``predicate(q_len, kv_len, b, h, q_idx, kv_idx)`` takes integer index arrays that broadcast
-    against each other (typically ``[B,1,1,1]``, ``[1,H,1,1]``, ``[1,1,T,1]``, ``[1,1,1,S]``)
-    and returns a boolean array of their broadcast shape, or of a shape that broadcasts to it.
+    against each other (typically ``[B,1,1,1]``, ``[1,H,1,1]``, ``[1,1,T,1]``, ``[1,1,1,S]``;
+    a kernel passes its own batch and head as ``[1,1,1,1]``) and returns a boolean array of their
+    broadcast shape, or of a shape that broadcasts to it. Per-batch data must be indexed by
+    ``b``, never broadcast over all batch elements.
 
     ``bounds(tiles, batch)`` returns ``(may_any, must_all)``: per tile, whether some entry *may*
     be allowed (an upper bound) and whether every entry is *certainly* allowed (a lower bound),
@@ -272,14 +274,14 @@ class KeyPrefix(Mask):
 
     length: Array
 
-    def _per_batch(self):
-        return jnp.reshape(self.length, (-1, 1, 1, 1))
+    def _at(self, b):
+        return self.length if jnp.ndim(self.length) == 0 else self.length[b]
 
     def predicate(self, q_len, kv_len, b, h, q_idx, kv_idx):
-        return kv_idx < self._per_batch()
+        return kv_idx < self._at(b)
 
     def bounds(self, tiles, batch):
-        n = self._per_batch()
+        n = self._at(jnp.arange(batch)[:, None, None, None])
         return tiles.kv_lo < n, tiles.kv_hi < n
 
     def check(self, batch, heads, q_len, kv_len):

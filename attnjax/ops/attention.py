@@ -88,7 +88,7 @@ def attention(
     impls = {
         "reference": lambda: reference.attention(problem, q, k, v, bias),
         "xla": lambda: xla.attention(problem, q, k, v, bias, block_sizes),
-        "pallas": _pallas_unavailable,
+        "pallas": lambda: _pallas(problem, q, k, v, bias, block_sizes),
     }
     out, lse = _dispatch.run("attention", impls, implementation)
     return (out, lse) if return_lse else out
@@ -127,8 +127,10 @@ def sigmoid_attention(
     )
 
 
-def _pallas_unavailable():
-    raise NotImplementedError("the Pallas flash kernel has not landed yet")
+def _pallas(problem, q, k, v, bias, block_sizes):
+    from kernels_pallas.flash import flash_attention  # imported lazily: Pallas is heavy to import
+
+    return flash_attention(problem, q, k, v, bias, block_sizes)
 
 
 def _problem(q, k, v, mask, score_mod, bias, normalizer, sigmoid_bias, scale) -> Problem:
