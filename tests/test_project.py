@@ -49,3 +49,15 @@ def test_cpu_benchmark_smoke(tmp_path):
     rows = result["rows"]
     assert {r["implementation"] for r in rows} == {"reference", "xla", "jax.nn"}
     assert all("seconds" in r and r["seconds"] > 0 for r in rows), rows
+
+
+@pytest.mark.slow
+def test_gpu_flash_benchmark_smoke_on_cpu(tmp_path):
+    """The GPU benchmark's --quick mode runs the kernels in interpret mode and checks them."""
+    out = tmp_path / "flash.json"
+    subprocess.run([sys.executable, "-m", "experiments.bench.gpu", "flash", "--quick", "--out", str(out)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=900)
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["implementation"] for r in rows} >= {"pallas_softmax", "pallas_sigmoid", "xla_softmax"}
+    assert all("error" not in r for r in rows), rows
+    assert all(r["max_error_vs_reference"] < 0.05 for r in rows), rows
