@@ -364,3 +364,40 @@ def test_sigmoid_attention_is_attention_with_sigmoid():
     want = jnp.einsum("bhts,bshe->bthe", w, jnp.repeat(v, 2, axis=2))
     harness.assert_close(a, want, 2e-5)
 
+
+
+@pytest.mark.parametrize("normalizer", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_dropout_matches_reference(impl, normalizer):
+    """Every implementation drops the same weights (a hash of key and indices), values and grads."""
+    s = AWKWARD
+    key = jax.random.key(42)
+    kw = dict(mask=masks.causal(), normalizer=normalizer, dropout_rate=0.3, dropout_key=key)
+    harness.check_vjp(
+        lambda q, k, v: ops.attention(q, k, v, implementation=impl, block_sizes=ops.BlockSizes(16, 32), **kw),
+        lambda q, k, v: ops.attention(q, k, v, implementation="reference", **kw),
+        s.qkv(jax.random.key(0)), jnp.float32, what=f"dropout {impl}")
+
+
+def test_dropout_statistics():
+    """Keep rate ~ 1 - p, kept weights scaled by 1/(1-p), a new key gives a new pattern; the
+    expectation over keys of dropped attention is plain attention."""
+    s = Shape(B=1, T=64, S=64, H=2, K=2, D=8, E=8)
+    q, k, v = s.qkv(jax.random.key(0))
+    v_eye = jnp.broadcast_to(jnp.eye(64)[None, :, None, :], (1, 64, 2, 64))  # output = weights
+    w = jax.jit(lambda key: ops.attention(q, k, v_eye, dropout_rate=0.25, dropout_key=key, implementation="xla"))
+    w0, w1, plain = w(jax.random.key(1)), w(jax.random.key(2)), ops.attention(q, k, v_eye, implementation="xla")
+    kept = np.asarray(w0) != 0
+    assert abs(kept.mean() - 0.75) < 0.02
+    np.testing.assert_allclose(np.asarray(w0)[kept], np.asarray(plain)[kept] / 0.75, rtol=1e-5)
+    assert (np.asarray(w0) != np.asarray(w1)).mean() > 0.2
+    mean = jnp.mean(jax.lax.map(w, jax.random.split(jax.random.key(3), 200)), 0)
+    assert float(jnp.abs(mean - plain).max()) < 0.05
+
+
+def test_dropout_validation():
+    q, k, v = Shape(T=8, S=8).qkv(jax.random.key(0))
+    with pytest.raises(ValueError, match=r"dropout_rate must be a Python number in \[0, 1\)"):
+        ops.attention(q, k, v, dropout_rate=1.0, dropout_key=jax.random.key(0))
+    with pytest.raises(ValueError, match="needs dropout_key"):
+        ops.attention(q, k, v, dropout_rate=0.1)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
 
+from attnjax.dropout import Dropout
 from attnjax.masks import Mask
 from attnjax.normalizers import Normalizer
 from attnjax.score_mods import ScoreMod
@@ -50,6 +51,7 @@ class Problem:
     mask: Mask | None
     score_mod: ScoreMod | None
     normalizer: Normalizer
+    dropout: Dropout | None = None
 
 
 def _precision(dtype) -> lax.Precision:
@@ -131,13 +133,25 @@ def allowed(problem: Problem, q_idx: Array, kv_idx: Array, bh=None) -> Array:
     return valid & problem.mask.predicate(d.q_len, d.kv_len, b, h, qi, ki)
 
 
+def dropout_scale(problem: Problem, q_idx: Array, kv_idx: Array, bh=None) -> Array | None:
+    """``keep / (1 - rate)`` for a tile, or None without dropout."""
+    if problem.dropout is None:
+        return None
+    return problem.dropout.scale(*index_arrays(problem.dims, q_idx, kv_idx, bh))
+
+
+def _dropped(w: Array, zs: Array | None) -> Array:
+    return w if zs is None else w * zs
+
+
 # ---------------------------------------------------------------------------------------------
 # Tile updates shared by the blockwise paths (xla and the Pallas kernels).
 
 
-def softmax_update(carry, s: Array, pv):
+def softmax_update(carry, s: Array, pv, zs: Array | None = None):
     """One online-softmax step: fold a tile of logits ``s`` (masked entries ``-inf``) into the
-    running ``(max, sum, acc)``; ``pv(p)`` multiplies tile weights by the tile's values."""
+    running ``(max, sum, acc)``; ``pv(p)`` multiplies tile weights by the tile's values. With
+    dropout (``zs = keep / (1 - rate)``) the sum counts every weight and ``acc`` the kept ones."""
     m, l, acc = carry
     m_new = jnp.maximum(m, s.max(-1))
     # Rows that have seen no allowed key yet keep m = -inf; shift them by 0 instead so exp()
@@ -145,7 +159,7 @@ def softmax_update(carry, s: Array, pv):
     m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
     p = jnp.exp(s - m_safe[..., None])
     alpha = jnp.exp(m - m_safe)
-    return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv(p)
+    return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv(_dropped(p, zs))
 
 
 def softmax_finish(m: Array, l: Array, acc: Array):
@@ -160,25 +174,30 @@ def masked_logits(s: Array, ok: Array | None, fill: float) -> Array:
     return s if ok is None else jnp.where(ok, s, fill)
 
 
-def elementwise_weights(normalizer: Normalizer, kv_len: int, s: Array, ok: Array | None) -> Array:
-    """``f(s)`` with masked entries exactly zero (``f`` never sees a masked logit)."""
+def elementwise_weights(normalizer: Normalizer, kv_len: int, s: Array, ok: Array | None,
+                        zs: Array | None = None) -> Array:
+    """``f(s)`` with masked entries exactly zero (``f`` never sees a masked logit), dropped."""
     w = normalizer.weights(kv_len, masked_logits(s, ok, 0.0))
-    return w if ok is None else jnp.where(ok, w, 0.0)
+    return _dropped(w if ok is None else jnp.where(ok, w, 0.0), zs)
 
 
-def tile_backward(normalizer: Normalizer, kv_len: int, s, ok, lse, delta, dp):
+def tile_backward(normalizer: Normalizer, kv_len: int, s, ok, lse, delta, dp, zs=None):
     """Per-tile backward of the normalizer: returns ``(p, ds, d_normalizer)``.
 
-    ``s`` are the tile's logits, ``ok`` its mask (None for a full tile), ``dp = dO V^T``. For
-    softmax ``lse`` and ``delta = rowsum(dO * O) - dlse`` are per row (``[..., t, 1]``) and
-    ``ds = p * (dp - delta)``; elementwise normalizers differentiate ``f`` with ``jax.vjp``.
+    ``s`` are the tile's logits, ``ok`` its mask (None for a full tile), ``dp = dO V^T`` and
+    ``zs`` the dropout scale (or None). ``p`` are the weights that multiplied the values (after
+    dropout). For softmax ``lse`` and ``delta = rowsum(dO * O) - dlse`` are per row
+    (``[..., t, 1]``) and ``ds = p * (dp * zs - delta)`` (dropout leaves ``delta``'s form
+    unchanged since ``O`` already includes it); elementwise normalizers differentiate ``f`` with
+    ``jax.vjp``.
     """
+    dp = _dropped(dp, zs)
     if normalizer.row_normalized:
         p = jnp.exp(masked_logits(s, ok, -jnp.inf) - lse)
         zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), normalizer)
-        return p, p * (dp - delta), zeros
+        return _dropped(p, zs), p * (dp - delta), zeros
     p, w_vjp = jax.vjp(lambda s_, n_: n_.weights(kv_len, s_), masked_logits(s, ok, 0.0), normalizer)
     if ok is not None:
         p, dp = jnp.where(ok, p, 0.0), jnp.where(ok, dp, 0.0)
     ds, d_norm = w_vjp(dp)
-    return p, ds, d_norm
+    return _dropped(p, zs), ds, d_norm

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, PRNGKeyArray
 
 from attnjax import _checks
+from attnjax.dropout import Dropout
 from attnjax.masks import Mask
 from attnjax.normalizers import Normalizer, as_normalizer
 from attnjax.ops import _dispatch, reference, xla
@@ -30,6 +32,8 @@ def attention(
     sigmoid_bias: float | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    dropout_rate: float = 0.0,
+    dropout_key: PRNGKeyArray | None = None,
     implementation: Implementation = None,
     block_sizes: BlockSizes | None = None,
 ) -> Float[Array, "B T H E"] | tuple[Float[Array, "B T H E"], Float[Array, "B T H"]]:
@@ -60,6 +64,11 @@ def attention(
       scale: logit scale; default ``1 / sqrt(D)``.
       return_lse: also return the float32 log-sum-exp of each row's logits, ``[B, T, H]``
         (``-inf`` for rows with no allowed key), to merge partial attentions. Softmax only.
+      dropout_rate: drop each attention weight with this probability (kept weights scaled by
+        ``1 / (1 - rate)``); for softmax, after normalizing. Which weights drop is a function of
+        ``dropout_key`` and the weight's ``(b, h, q, kv)`` indices, so every implementation
+        drops the same ones (see :mod:`attnjax.dropout`).
+      dropout_key: a ``jax.random`` key, required when ``dropout_rate > 0``.
       implementation: ``None`` (best for the platform), ``"reference"`` (dense),
         ``"xla"`` (blockwise, memory ``O(T * block)``, skips empty tiles), ``"pallas"``, or a
         sequence of them tried in order.
@@ -79,6 +88,8 @@ def attention(
     ((2, 10, 4, 8), True)
     """
     problem = _problem(q, k, v, mask, score_mod, bias, normalizer, sigmoid_bias, scale)
+    if dropout_rate != 0.0 or dropout_key is not None:
+        problem = dataclasses.replace(problem, dropout=Dropout.make(dropout_rate, dropout_key))
     if return_lse and not problem.normalizer.row_normalized:
         raise ValueError(
             f"return_lse needs a row-normalized normalizer (softmax); got {type(problem.normalizer).__name__}"
@@ -104,6 +115,8 @@ def sigmoid_attention(
     scale: float | None = None,
     score_mod: ScoreMod | None = None,
     bias: Float[Array, "#B #H #T #S"] | None = None,
+    dropout_rate: float = 0.0,
+    dropout_key: PRNGKeyArray | None = None,
     implementation: Implementation = None,
     block_sizes: BlockSizes | None = None,
 ) -> Float[Array, "B T H E"]:
@@ -122,8 +135,8 @@ def sigmoid_attention(
     """
     return attention(
         q, k, v, mask=mask, score_mod=score_mod, bias=bias, normalizer="sigmoid",
-        sigmoid_bias=sigmoid_bias, scale=scale, implementation=implementation,
-        block_sizes=block_sizes,
+        sigmoid_bias=sigmoid_bias, scale=scale, dropout_rate=dropout_rate, dropout_key=dropout_key,
+        implementation=implementation, block_sizes=block_sizes,
     )
 
 

@@ -27,6 +27,9 @@ def attention(problem: Problem, q, k, v, bias):
     s = _common.logits(problem, problem.score_mod, f32(q), f32(k), bias, q_idx, kv_idx)
     allowed = jnp.broadcast_to(_common.allowed(problem, q_idx, kv_idx), s.shape)
     w = problem.normalizer.dense(d.kv_len, s, allowed)  # [B, H, T, S]
+    zs = _common.dropout_scale(problem, q_idx, kv_idx)
+    if zs is not None:
+        w = w * zs
     out = _common.weighted_values(w, f32(v))  # [B, H, T, E]
     if problem.normalizer.row_normalized:
         any_allowed = allowed.any(-1)

@@ -83,7 +83,7 @@ def attention(problem: Problem, q, k, v, bias, block_sizes: BlockSizes | None = 
     static = _Static(d, problem.scale, bq, bk)
     out, lse = _blockwise(
         static, pad(q, t_pad), pad(k, s_pad), pad(v, s_pad), bias,
-        problem.mask, problem.score_mod, problem.normalizer, plan,
+        problem.mask, problem.score_mod, problem.normalizer, problem.dropout, plan,
     )
     return out[:, : d.q_len], lse[:, :, : d.q_len].transpose(0, 2, 1)
 
@@ -134,12 +134,12 @@ def _row_loop(plan, i, body, init):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _blockwise(static, q, k, v, bias, mask, score_mod, normalizer, plan):
-    return _forward(static, q, k, v, bias, mask, score_mod, normalizer, plan)
+def _blockwise(static, q, k, v, bias, mask, score_mod, normalizer, dropout, plan):
+    return _forward(static, q, k, v, bias, mask, score_mod, normalizer, dropout, plan)
 
 
-def _forward(static: _Static, q, k, v, bias, mask, score_mod, normalizer, plan):
-    problem = Problem(static.dims, static.scale, mask, score_mod, normalizer)
+def _forward(static: _Static, q, k, v, bias, mask, score_mod, normalizer, dropout, plan):
+    problem = Problem(static.dims, static.scale, mask, score_mod, normalizer, dropout)
     B, H, E, S = static.dims.batch, static.dims.heads, static.dims.v_dim, static.dims.kv_len
     bq, bk = static.block_q, static.block_k
     nq = q.shape[1] // bq
@@ -153,10 +153,11 @@ def _forward(static: _Static, q, k, v, bias, mask, score_mod, normalizer, plan):
             s = _common.logits(problem, score_mod, q_i, k_j, _bias_tile(bias, i, t.kt, bq, bk),
                                t.q_idx, t.kv_idx)  # [B, H, bq, bk]
             ok = _common.allowed(problem, t.q_idx, t.kv_idx) if masked else None
+            zs = _common.dropout_scale(problem, t.q_idx, t.kv_idx)
             pv = lambda p: _common.weighted_values(p, v_j)
             if normalizer.row_normalized:
-                return _common.softmax_update(carry, _common.masked_logits(s, ok, -jnp.inf), pv)
-            return (carry[0] + pv(_common.elementwise_weights(normalizer, S, s, ok)),)
+                return _common.softmax_update(carry, _common.masked_logits(s, ok, -jnp.inf), pv, zs)
+            return (carry[0] + pv(_common.elementwise_weights(normalizer, S, s, ok, zs)),)
 
         zeros = lambda *shape: jnp.zeros(shape, jnp.float32)
         acc0 = zeros(B, H, bq, E)
@@ -173,15 +174,15 @@ def _forward(static: _Static, q, k, v, bias, mask, score_mod, normalizer, plan):
     return out, lse
 
 
-def _blockwise_fwd(static, q, k, v, bias, mask, score_mod, normalizer, plan):
-    out, lse = _forward(static, q, k, v, bias, mask, score_mod, normalizer, plan)
-    return (out, lse), (q, k, v, bias, mask, score_mod, normalizer, plan, out, lse)
+def _blockwise_fwd(static, q, k, v, bias, mask, score_mod, normalizer, dropout, plan):
+    out, lse = _forward(static, q, k, v, bias, mask, score_mod, normalizer, dropout, plan)
+    return (out, lse), (q, k, v, bias, mask, score_mod, normalizer, dropout, plan, out, lse)
 
 
 def _blockwise_bwd(static: _Static, res, cotangents):
-    q, k, v, bias, mask, score_mod, normalizer, plan, out, lse = res
+    q, k, v, bias, mask, score_mod, normalizer, dropout, plan, out, lse = res
     d_out, d_lse = cotangents
-    problem = Problem(static.dims, static.scale, mask, score_mod, normalizer)
+    problem = Problem(static.dims, static.scale, mask, score_mod, normalizer, dropout)
     S = static.dims.kv_len
     bq, bk = static.block_q, static.block_k
     nq = q.shape[1] // bq
@@ -206,7 +207,8 @@ def _blockwise_bwd(static: _Static, res, cotangents):
             s, logits_vjp = jax.vjp(logits, q_i, k_j, _bias_tile(bias, i, t.kt, bq, bk), score_mod)
             ok = _common.allowed(problem, t.q_idx, t.kv_idx) if masked else None
             dp = _common.scores(do_i, v_j, 1.0)  # dO V^T, [B, H, bq, bk]
-            p, ds, dnorm_t = _common.tile_backward(normalizer, S, s, ok, lse_i, delta_i, dp)
+            zs = _common.dropout_scale(problem, t.q_idx, t.kv_idx)
+            p, ds, dnorm_t = _common.tile_backward(normalizer, S, s, ok, lse_i, delta_i, dp, zs)
             dq_t, dk_j, dbias_t, dmod_t = logits_vjp(ds)
             dv_j = _values_grad(p, do_i, dv.shape[2])
             if dbias is not None:
@@ -242,7 +244,7 @@ def _blockwise_bwd(static: _Static, res, cotangents):
         cast(dq, q), cast(dk, k), cast(dv, v),
         None if bias is None else cast(dbias, bias),
         none(mask), jax.tree.map(cast, dmod, score_mod), jax.tree.map(cast, dnorm, normalizer),
-        none(plan),
+        none(dropout), none(plan),
     )
 
 

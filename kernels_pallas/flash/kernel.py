@@ -41,15 +41,14 @@ class _Static:
     scale: float
     block_q: int
     block_k: int
-    treedef: jax.tree_util.PyTreeDef  # of (mask, score_mod, normalizer)
+    treedef: jax.tree_util.PyTreeDef  # of (mask, score_mod, normalizer, dropout)
     leaf_shapes: tuple[tuple[int, ...], ...]
     interpret: bool
 
     def problem(self, leaf_refs) -> Problem:
         """Rebuilds the Problem inside a kernel from its whole-array leaf inputs."""
         leaves = [ref[...].reshape(shape) for ref, shape in zip(leaf_refs, self.leaf_shapes)]
-        mask, score_mod, normalizer = jax.tree.unflatten(self.treedef, leaves)
-        return Problem(self.dims, self.scale, mask, score_mod, normalizer)
+        return Problem(self.dims, self.scale, *jax.tree.unflatten(self.treedef, leaves))
 
 
 def _round_up(n: int, m: int) -> int:
@@ -79,7 +78,7 @@ def flash_attention(problem: Problem, q, k, v, bias, block_sizes=None):
 
     d_pad, e_pad = backend.pad_head_dim(d.head_dim) - d.head_dim, backend.pad_head_dim(d.v_dim) - d.v_dim
     pad = lambda x, n, e: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, e)))
-    leaves, treedef = jax.tree.flatten((problem.mask, problem.score_mod, problem.normalizer))
+    leaves, treedef = jax.tree.flatten((problem.mask, problem.score_mod, problem.normalizer, problem.dropout))
     static = _Static(d, problem.scale, bq, bk, treedef, tuple(jnp.shape(x) for x in leaves),
                      backend.interpret())
     out, lse = _flash(static, pad(q, t_pad, d_pad), pad(k, s_pad, d_pad), pad(v, s_pad, e_pad), plan,
@@ -144,10 +143,11 @@ def _fwd_kernel(classes_ref, order_ref, counts_ref, q_ref, k_ref, v_ref, *refs, 
         kv_idx = kt * bk + lax.iota(jnp.int32, bk)
         s, _ = _tile_logits(static, problem, q, k, q_idx, kv_idx, (b, h))  # [1, 1, bq, bk]
         ok = _common.allowed(problem, q_idx, kv_idx, (b, h)) if masked else None
+        zs = _common.dropout_scale(problem, q_idx, kv_idx, (b, h))
         pv = lambda p: _dot(p[0, 0], v)[None, None]  # [1, 1, bq, E]
         if normalizer.row_normalized:
-            return _common.softmax_update(carry, _common.masked_logits(s, ok, -jnp.inf), pv)
-        return (carry[0] + pv(_common.elementwise_weights(normalizer, S, s, ok)),)
+            return _common.softmax_update(carry, _common.masked_logits(s, ok, -jnp.inf), pv, zs)
+        return (carry[0] + pv(_common.elementwise_weights(normalizer, S, s, ok, zs)),)
 
     E = o_ref.shape[-1]
     acc0 = jnp.zeros((1, 1, bq, E), jnp.float32)
@@ -215,7 +215,8 @@ def _dq_kernel(classes_ref, order_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, 
         s, mod_vjp = _tile_logits(static, problem, q, k, q_idx, kv_idx, (b, h))
         ok = _common.allowed(problem, q_idx, kv_idx, (b, h)) if masked else None
         dp = _dot(do, v, trans_b=True)[None, None]
-        _, ds, _ = _common.tile_backward(problem.normalizer, static.dims.kv_len, s, ok, lse, delta, dp)
+        zs = _common.dropout_scale(problem, q_idx, kv_idx, (b, h))
+        _, ds, _ = _common.tile_backward(problem.normalizer, static.dims.kv_len, s, ok, lse, delta, dp, zs)
         (ds_raw,) = mod_vjp(ds)
         return dq + _dot(ds_raw[0, 0], k) * static.scale
 
@@ -248,7 +249,8 @@ def _dkv_kernel(classes_ref, order_t_ref, counts_t_ref, q_ref, k_ref, v_ref, do_
             s, mod_vjp = _tile_logits(static, problem, q, k, q_idx, kv_idx, (b, h))
             ok = _common.allowed(problem, q_idx, kv_idx, (b, h)) if masked else None
             dp = _dot(do, v, trans_b=True)[None, None]
-            p, ds, _ = _common.tile_backward(problem.normalizer, static.dims.kv_len, s, ok, lse, delta, dp)
+            zs = _common.dropout_scale(problem, q_idx, kv_idx, (b, h))
+            p, ds, _ = _common.tile_backward(problem.normalizer, static.dims.kv_len, s, ok, lse, delta, dp, zs)
             (ds_raw,) = mod_vjp(ds)
             dv = dv + _dot(p[0, 0].T, do)
             dk = dk + _dot(ds_raw[0, 0].T, q) * static.scale
