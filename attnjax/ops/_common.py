@@ -19,7 +19,7 @@ from jax import lax
 from jaxtyping import Array, Float
 
 from attnjax.dropout import Dropout
-from attnjax.masks import Mask
+from attnjax.masks import EMPTY, FULL, Mask, collapse
 from attnjax.normalizers import Normalizer
 from attnjax.score_mods import ScoreMod
 
@@ -52,6 +52,41 @@ class Problem:
     score_mod: ScoreMod | None
     normalizer: Normalizer
     dropout: Dropout | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """The static part of a blockwise computation (a ``custom_vjp`` non-differentiable arg)."""
+
+    dims: Dims
+    scale: float
+    block_q: int
+    block_k: int
+
+
+def round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def tile_plan(problem: Problem, block_q: int, block_k: int):
+    """The tile classes of a problem, ``[nq, nk]`` int8 (reduced over batch and heads), and the
+    query/key padding ``(t_pad, s_pad)`` that makes the lengths tile multiples."""
+    d = problem.dims
+    t_pad, s_pad = round_up(d.q_len, block_q) - d.q_len, round_up(d.kv_len, block_k) - d.kv_len
+    if problem.mask is None:
+        nq, nk = (d.q_len + t_pad) // block_q, (d.kv_len + s_pad) // block_k
+        classes = jnp.full((1, 1, nq, nk), FULL, jnp.int8)
+    else:
+        classes = problem.mask.block_map(d.q_len, d.kv_len, block_q, block_k, batch=d.batch)
+    return collapse(classes, pad_kv=s_pad > 0), t_pad, s_pad
+
+
+def compact(classes: Array):
+    """Per row of ``classes``: ``order`` lists the non-empty columns first, in increasing order
+    (then the rest), and ``counts`` says how many there are."""
+    nonempty = classes != EMPTY
+    order = jnp.argsort(~nonempty, axis=1, stable=True).astype(jnp.int32)
+    return order, nonempty.sum(1, dtype=jnp.int32)
 
 
 def _precision(dtype) -> lax.Precision:

@@ -22,9 +22,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from attnjax import _checks
-from attnjax.masks import EMPTY, FULL, collapse
+from attnjax.masks import FULL
 from attnjax.ops import _common
-from attnjax.ops._common import Dims, Problem
+from attnjax.ops._common import Problem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,42 +45,20 @@ class BlockSizes:
             _checks.positive_int(f"BlockSizes.{name}", getattr(self, name))
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    dims: Dims
-    scale: float
-    block_q: int
-    block_k: int
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
 def attention(problem: Problem, q, k, v, bias, block_sizes: BlockSizes | None = None):
     """Returns ``(out [B, T, H, E], lse [B, T, H])`` like :func:`reference.attention`."""
     d = problem.dims
     bs = block_sizes or BlockSizes()
-    bq = min(bs.block_q, _round_up(d.q_len, 8))
-    bk = min(bs.block_k, _round_up(d.kv_len, 8))
-    t_pad, s_pad = _round_up(d.q_len, bq) - d.q_len, _round_up(d.kv_len, bk) - d.kv_len
-    nq, nk = (d.q_len + t_pad) // bq, (d.kv_len + s_pad) // bk
-
-    if problem.mask is None:
-        classes = jnp.full((1, 1, nq, nk), FULL, jnp.int8)
-    else:
-        classes = problem.mask.block_map(d.q_len, d.kv_len, bq, bk, batch=d.batch)
-    classes = collapse(classes, pad_kv=s_pad > 0)
-    nonempty = classes != EMPTY
-    # Per tile row: the non-empty key tiles first, in increasing order, then the rest.
-    order = jnp.argsort(~nonempty, axis=1, stable=True).astype(jnp.int32)
-    plan = (classes, order, nonempty.sum(1, dtype=jnp.int32))
+    bq = min(bs.block_q, _common.round_up(d.q_len, 8))
+    bk = min(bs.block_k, _common.round_up(d.kv_len, 8))
+    classes, t_pad, s_pad = _common.tile_plan(problem, bq, bk)
+    plan = (classes, *_common.compact(classes))
 
     pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))
     if bias is not None:
         bias = jnp.pad(bias, [(0, 0), (0, 0), (0, t_pad if bias.shape[2] > 1 else 0),
                               (0, s_pad if bias.shape[3] > 1 else 0)])
-    static = _Static(d, problem.scale, bq, bk)
+    static = _common.Tiling(d, problem.scale, bq, bk)
     out, lse = _blockwise(
         static, pad(q, t_pad), pad(k, s_pad), pad(v, s_pad), bias,
         problem.mask, problem.score_mod, problem.normalizer, problem.dropout, plan,
@@ -109,7 +87,7 @@ def _tree_add(a, b):
 class _Tile:
     """Index bookkeeping of tile row ``i`` against its ``j``-th non-empty key tile."""
 
-    def __init__(self, static: _Static, plan, i, j):
+    def __init__(self, static: _common.Tiling, plan, i, j):
         classes, order, _ = plan
         self.kt = order[i, j]
         self.full = classes[i, self.kt] == FULL
@@ -138,7 +116,7 @@ def _blockwise(static, q, k, v, bias, mask, score_mod, normalizer, dropout, plan
     return _forward(static, q, k, v, bias, mask, score_mod, normalizer, dropout, plan)
 
 
-def _forward(static: _Static, q, k, v, bias, mask, score_mod, normalizer, dropout, plan):
+def _forward(static: _common.Tiling, q, k, v, bias, mask, score_mod, normalizer, dropout, plan):
     problem = Problem(static.dims, static.scale, mask, score_mod, normalizer, dropout)
     B, H, E, S = static.dims.batch, static.dims.heads, static.dims.v_dim, static.dims.kv_len
     bq, bk = static.block_q, static.block_k
@@ -179,7 +157,7 @@ def _blockwise_fwd(static, q, k, v, bias, mask, score_mod, normalizer, dropout, 
     return (out, lse), (q, k, v, bias, mask, score_mod, normalizer, dropout, plan, out, lse)
 
 
-def _blockwise_bwd(static: _Static, res, cotangents):
+def _blockwise_bwd(static: _common.Tiling, res, cotangents):
     q, k, v, bias, mask, score_mod, normalizer, dropout, plan, out, lse = res
     d_out, d_lse = cotangents
     problem = Problem(static.dims, static.scale, mask, score_mod, normalizer, dropout)

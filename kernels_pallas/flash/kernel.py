@@ -29,18 +29,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from attnjax.masks import EMPTY, FULL, collapse
+from attnjax.masks import FULL
 from attnjax.ops import _common
-from attnjax.ops._common import Dims, Problem
+from attnjax.ops._common import Problem
 from kernels_pallas import backend
 
 
 @dataclasses.dataclass(frozen=True)
-class _Static:
-    dims: Dims
-    scale: float
-    block_q: int
-    block_k: int
+class _Static(_common.Tiling):
     treedef: jax.tree_util.PyTreeDef  # of (mask, score_mod, normalizer, dropout)
     leaf_shapes: tuple[tuple[int, ...], ...]
     interpret: bool
@@ -49,10 +45,6 @@ class _Static:
         """Rebuilds the Problem inside a kernel from its whole-array leaf inputs."""
         leaves = [ref[...].reshape(shape) for ref, shape in zip(leaf_refs, self.leaf_shapes)]
         return Problem(self.dims, self.scale, *jax.tree.unflatten(self.treedef, leaves))
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 def flash_attention(problem: Problem, q, k, v, bias, block_sizes=None):
@@ -67,14 +59,9 @@ def flash_attention(problem: Problem, q, k, v, bias, block_sizes=None):
         raise NotImplementedError(f"the Pallas flash kernel is not validated on {backend.platform()}")
     d = problem.dims
     bq, bk = backend.flash_block_sizes(d.q_len, d.kv_len, block_sizes)
-    t_pad, s_pad = _round_up(d.q_len, bq) - d.q_len, _round_up(d.kv_len, bk) - d.kv_len
-    nq, nk = (d.q_len + t_pad) // bq, (d.kv_len + s_pad) // bk
-    if problem.mask is None:
-        classes = jnp.full((1, 1, nq, nk), FULL, jnp.int8)
-    else:
-        classes = problem.mask.block_map(d.q_len, d.kv_len, bq, bk, batch=d.batch)
-    classes = collapse(classes, pad_kv=s_pad > 0)
-    plan = _plan(classes)
+    classes, t_pad, s_pad = _common.tile_plan(problem, bq, bk)
+    # Non-empty tiles by row (forward, dq) and by column (dk, dv).
+    plan = (classes.astype(jnp.int32), *_common.compact(classes), *_common.compact(classes.T))
 
     d_pad, e_pad = backend.pad_head_dim(d.head_dim) - d.head_dim, backend.pad_head_dim(d.v_dim) - d.v_dim
     pad = lambda x, n, e: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, e)))
@@ -84,18 +71,6 @@ def flash_attention(problem: Problem, q, k, v, bias, block_sizes=None):
     out, lse = _flash(static, pad(q, t_pad, d_pad), pad(k, s_pad, d_pad), pad(v, s_pad, e_pad), plan,
                       tuple(jnp.reshape(x, (-1,) if jnp.ndim(x) == 0 else jnp.shape(x)) for x in leaves))
     return out[:, : d.q_len, :, : d.v_dim], lse[:, :, : d.q_len].transpose(0, 2, 1)
-
-
-def _plan(classes):
-    """Compacted non-empty tile lists by row (forward, dq) and by column (dk, dv)."""
-    def compact(c):
-        nonempty = c != EMPTY
-        order = jnp.argsort(~nonempty, axis=1, stable=True).astype(jnp.int32)
-        return order, nonempty.sum(1, dtype=jnp.int32)
-
-    order, counts = compact(classes)
-    order_t, counts_t = compact(classes.T)
-    return classes.astype(jnp.int32), order, counts, order_t, counts_t
 
 
 def _whole(x):
@@ -121,6 +96,18 @@ def _tile_logits(static, problem, q, k, q_idx, kv_idx, bh):
     """Logits ``[1, 1, bq, bk]`` and the vjp of the score mod with respect to raw scores."""
     raw = (_dot(q, k, trans_b=True) * static.scale)[None, None]
     return jax.vjp(lambda s: _common.modify(problem, problem.score_mod, s, q_idx, kv_idx, bh), raw)
+
+
+def _tile_grads(static, problem, q, k, v, do, lse, delta, q_idx, kv_idx, bh, masked):
+    """Recomputes a tile for the backward: ``(p [bq, bk], ds [bq, bk])``, where ``p`` are the
+    weights that multiplied the values and ``ds`` the gradient of the raw scores ``q k^T``."""
+    s, mod_vjp = _tile_logits(static, problem, q, k, q_idx, kv_idx, bh)
+    ok = _common.allowed(problem, q_idx, kv_idx, bh) if masked else None
+    dp = _dot(do, v, trans_b=True)[None, None]
+    zs = _common.dropout_scale(problem, q_idx, kv_idx, bh)
+    p, ds, _ = _common.tile_backward(problem.normalizer, static.dims.kv_len, s, ok, lse, delta, dp, zs)
+    (ds_raw,) = mod_vjp(ds)
+    return p[0, 0], ds_raw[0, 0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,13 +199,8 @@ def _dq_kernel(classes_ref, order_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, 
         k = k_ref[pl.ds(kt * bk, bk), :]
         v = v_ref[pl.ds(kt * bk, bk), :]
         kv_idx = kt * bk + lax.iota(jnp.int32, bk)
-        s, mod_vjp = _tile_logits(static, problem, q, k, q_idx, kv_idx, (b, h))
-        ok = _common.allowed(problem, q_idx, kv_idx, (b, h)) if masked else None
-        dp = _dot(do, v, trans_b=True)[None, None]
-        zs = _common.dropout_scale(problem, q_idx, kv_idx, (b, h))
-        _, ds, _ = _common.tile_backward(problem.normalizer, static.dims.kv_len, s, ok, lse, delta, dp, zs)
-        (ds_raw,) = mod_vjp(ds)
-        return dq + _dot(ds_raw[0, 0], k) * static.scale
+        _, ds = _tile_grads(static, problem, q, k, v, do, lse, delta, q_idx, kv_idx, (b, h), masked)
+        return dq + _dot(ds, k) * static.scale
 
     dq = _visit(counts_ref[i], lambda j: order_ref[i, j], lambda kt: classes_ref[i, kt] == FULL,
                 body, jnp.zeros(q.shape, jnp.float32))
@@ -246,15 +228,8 @@ def _dkv_kernel(classes_ref, order_t_ref, counts_t_ref, q_ref, k_ref, v_ref, do_
             lse = lse_ref[g, rows][None, None, :, None]
             delta = delta_ref[g, rows][None, None, :, None]
             q_idx = i * bq + lax.iota(jnp.int32, bq)
-            s, mod_vjp = _tile_logits(static, problem, q, k, q_idx, kv_idx, (b, h))
-            ok = _common.allowed(problem, q_idx, kv_idx, (b, h)) if masked else None
-            dp = _dot(do, v, trans_b=True)[None, None]
-            zs = _common.dropout_scale(problem, q_idx, kv_idx, (b, h))
-            p, ds, _ = _common.tile_backward(problem.normalizer, static.dims.kv_len, s, ok, lse, delta, dp, zs)
-            (ds_raw,) = mod_vjp(ds)
-            dv = dv + _dot(p[0, 0].T, do)
-            dk = dk + _dot(ds_raw[0, 0].T, q) * static.scale
-            return dk, dv
+            p, ds = _tile_grads(static, problem, q, k, v, do, lse, delta, q_idx, kv_idx, (b, h), masked)
+            return dk + _dot(ds.T, q) * static.scale, dv + _dot(p.T, do)
 
         dk, dv = _visit(counts_t_ref[kt], lambda j: order_t_ref[kt, j],
                         lambda i: classes_ref[i, kt] == FULL, body, (dk, dv))
