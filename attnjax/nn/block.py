@@ -29,9 +29,9 @@ class TransformerBlock(nnx.Module):
 
     ``attention`` is any module ``(x, ...) -> y`` (``MultiHeadAttention``, ``AgentAttention``,
     ``MoHAttention``); by default a :class:`MultiHeadAttention` built from ``num_heads``,
-    ``attention_fn``, ``mask``, ``num_kv_heads`` and ``qk_norm``. A module returning
-    ``(y, aux_loss)`` (``MoHAttention``) has its loss sown as ``nnx.Intermediate`` under
-    ``"aux_loss"`` (read it with ``nnx.pop(block, nnx.Intermediate)``).
+    ``attention_fn``, ``mask``, ``num_kv_heads`` and ``qk_norm``. If the attention returns
+    ``(y, aux_loss)`` (``MoHAttention``), the block returns ``(out, aux_loss)`` too, so the loss
+    reaches the training objective explicitly (no sown state to collect).
 
     >>> import jax
     >>> from flax import nnx
@@ -76,15 +76,18 @@ class TransformerBlock(nnx.Module):
         self.attn_scale = scale() if scale else nnx.data(None)
         self.mlp_scale = scale() if scale else nnx.data(None)
 
-    def __call__(self, x: Float[Array, "B T C"], **attention_kwargs) -> Float[Array, "B T C"]:
-        """``attention_kwargs`` (``mask=``, ``decode=``, ...) go to the attention module."""
+    def __call__(self, x: Float[Array, "B T C"], **attention_kwargs):
+        """``attention_kwargs`` (``mask=``, ``decode=``, ...) go to the attention module.
+
+        Returns ``[B, T, C]``, or ``([B, T, C], aux_loss)`` if the attention returns a pair."""
         y = self.attention(self.attn_in_norm(x), **attention_kwargs)
+        aux = None
         if isinstance(y, tuple):
             y, aux = y
-            self.sow(nnx.Intermediate, "aux_loss", aux)
         x = x + self._branch_out(y, self.attn_out_norm, self.attn_scale)
         y = self.mlp(self.mlp_in_norm(x))
-        return x + self._branch_out(y, self.mlp_out_norm, self.mlp_scale)
+        out = x + self._branch_out(y, self.mlp_out_norm, self.mlp_scale)
+        return out if aux is None else (out, aux)
 
     @staticmethod
     def _branch_out(y, out_norm, scale):
