@@ -397,3 +397,19 @@ def test_linen_wrappers_train():
     moh = attn_linen.MoHAttention(H, C, num_shared_heads=1, top_k=1)
     out, aux = moh.apply(moh.init(jax.random.key(1), x), x)
     assert out.shape == x.shape and aux.shape == ()
+
+
+# -- docs ----------------------------------------------------------------------------------------------
+
+
+def test_docs_tour():
+    """Every python block of docs/nn.md runs, in order, in one namespace."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "nn.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 3
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/nn.md", "exec"), namespace)
