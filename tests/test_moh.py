@@ -73,7 +73,9 @@ def _make_mask(kind):
     }[kind]
 
 
-@pytest.mark.parametrize("kind", ["none", "causal", "window", "document_causal", "prefix_lm"])
+@pytest.mark.parametrize(
+    "kind", ["causal", "document_causal", *(pytest.param(k, marks=pytest.mark.slow) for k in ("none", "window", "prefix_lm"))]
+)
 def test_skipping_equals_dense(kind):
     """Values and gradients (q, k, v and the router logits) of the skipping path equal the dense."""
     mask = _make_mask(kind)
