@@ -106,12 +106,14 @@ def test_mha_jit_equals_eager():
         (lambda: nn.MultiHeadAttention(4, 16, num_kv_heads=3, rngs=nnx.Rngs(0)), ValueError, "must divide num_heads"),
         (lambda: nn.MultiHeadAttention(3, 16, rngs=nnx.Rngs(0)), ValueError, "divisible by num_heads"),
         (lambda: nn.MultiHeadAttention(4, 16, mask=jnp.ones((3, 3)), rngs=nnx.Rngs(0)), TypeError, "attnjax.masks mask"),
+        (lambda: nn.MultiHeadAttention(4, 16, mask=masks.document(jnp.zeros((1, 3), int)), rngs=nnx.Rngs(0)),
+         ValueError, "pass it on each call"),
         (lambda: nn.MultiHeadAttention(4, 16, rngs=nnx.Rngs(0))(jnp.ones((1, 3, 8))), ValueError, "in_features=16"),
         (lambda: nn.MultiHeadAttention(4, 16, rngs=nnx.Rngs(0))(jnp.ones((1, 3, 16)), decode=True), ValueError, "init_cache"),
         (lambda: nn.MultiHeadAttention(4, 16, rngs=nnx.Rngs(0), attention_fn=_lightning_attention).init_cache(1, 4),
          NotImplementedError, "recurrent state"),
     ],
-    ids=["kv_heads", "qkv_features", "mask_type", "in_features", "no_cache", "lightning"],
+    ids=["kv_heads", "qkv_features", "mask_type", "array_mask", "in_features", "no_cache", "lightning"],
 )
 def test_mha_errors(make, err, match):
     with pytest.raises(err, match=match):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
@@ -15,6 +16,20 @@ from jaxtyping import Array, Float
 from attnjax import _checks, masks, ops
 from attnjax.masks import Mask
 from attnjax.nn.layers import OutputGate, QKNorm
+
+
+def check_module_mask(mask) -> Mask | None:
+    """A mask stored on a module must be array-free (static); array masks go in the call."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Mask):
+        raise TypeError(f"mask must be an attnjax.masks mask or None; got {type(mask).__name__}")
+    if jax.tree.leaves(mask):
+        raise ValueError(
+            f"mask {type(mask).__name__} holds arrays (segment ids, lengths), which a module cannot keep as a "
+            "static setting; pass it on each call instead: module(x, mask=...)"
+        )
+    return mask
 
 
 def combine_masks(*ms: Mask | None) -> Mask | None:
@@ -106,8 +121,7 @@ class MultiHeadAttention(nnx.Module):
             raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide num_heads={num_heads}")
         if qkv_features % num_heads:
             raise ValueError(f"qkv_features={qkv_features} must be divisible by num_heads={num_heads}")
-        if mask is not None and not isinstance(mask, Mask):
-            raise TypeError(f"mask must be an attnjax.masks mask or None; got {type(mask).__name__}")
+        mask = check_module_mask(mask)
         if not callable(attention_fn):
             raise TypeError(f"attention_fn must be callable; got {attention_fn!r}")
         self.head_dim = qkv_features // num_heads

@@ -11,7 +11,7 @@ from jaxtyping import Array, Float
 
 from attnjax import _checks, ops
 from attnjax.masks import Mask
-from attnjax.nn.attention import combine_masks
+from attnjax.nn.attention import check_module_mask, combine_masks
 
 
 class MoHAttention(nnx.Module):
@@ -63,7 +63,7 @@ class MoHAttention(nnx.Module):
         if self.top_k > H - hs:
             raise ValueError(f"top_k={top_k} must be <= the {H - hs} routed heads")
         self.num_heads, self.num_shared_heads, self.head_dim, self.in_features = H, hs, qkv // H, C
-        self.mask, self.skip_unselected, self.block_q = mask, skip_unselected, block_q
+        self.mask, self.skip_unselected, self.block_q = check_module_mask(mask), skip_unselected, block_q
         self.implementation = implementation
         lin = lambda: nnx.LinearGeneral(C, (H, qkv // H), use_bias=use_bias, dtype=dtype, rngs=rngs)
         self.query, self.key, self.value = lin(), lin(), lin()
