@@ -76,7 +76,8 @@ class MultiHeadAttention(nnx.Module):
     with ``T != S``; empty slots at the front are masked out. The result equals the full forward
     for masks that depend only on relative position (``causal``, ``sliding_window``), whose
     meaning does not change when positions shift. Tokens beyond ``max_length`` fall off the
-    front (a sliding window of ``max_length``). Sigmoid attention's default bias
+    front (a sliding window of ``max_length``). Each step shifts the cache by ``T_new`` slots (a
+    copy of ``O(max_length)``, the same order as attending over it). Sigmoid attention's default bias
     ``-log S`` depends on ``S`` (``max_length`` while decoding): fix ``sigmoid_bias`` (e.g.
     ``functools.partial(ops.sigmoid_attention, sigmoid_bias=-math.log(n))``) so that decode
     and the full forward agree.
