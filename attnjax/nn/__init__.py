@@ -1,0 +1,26 @@
+"""Flax NNX modules that hold parameters and call :mod:`attnjax.ops` (and linen wrappers).
+
+* :class:`MultiHeadAttention`: projections, GQA, QK-norm, output gate and a KV cache around any
+  attnjax op (``attention_fn=``);
+* :class:`AgentAttention`, :class:`MoHAttention`: the modules of those papers;
+* :class:`TransformerBlock`: pre-norm or Hybrid-Norm residual block; :class:`QKNorm`,
+  :class:`LayerScale`, :class:`OutputGate`, :class:`Mlp` pieces;
+* :func:`flax_attention_fn`: any attnjax op as ``flax.nnx.MultiHeadAttention(attention_fn=...)``;
+* :mod:`attnjax.nn.linen`: the modules as linen modules (``flax.nnx.bridge``).
+
+The modules never reimplement attention math: each ``__call__`` is projections, an op call and
+an output projection, and the tests check exactly that.
+"""
+
+from attnjax.nn.agent import AgentAttention
+from attnjax.nn.attention import MultiHeadAttention, combine_masks
+from attnjax.nn.block import TransformerBlock
+from attnjax.nn.flax_adapter import DenseMask, dense_mask, flax_attention_fn
+from attnjax.nn.layers import LayerScale, Mlp, OutputGate, QKNorm
+from attnjax.nn.moh import MoHAttention
+
+__all__ = [
+    "AgentAttention", "MultiHeadAttention", "MoHAttention", "TransformerBlock",
+    "QKNorm", "LayerScale", "OutputGate", "Mlp",
+    "flax_attention_fn", "DenseMask", "dense_mask", "combine_masks",
+]

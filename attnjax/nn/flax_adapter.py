@@ -1,0 +1,168 @@
+"""Use any attnjax op as the ``attention_fn`` of Flax's own attention modules.
+
+``flax.nnx.MultiHeadAttention`` (and ``flax.linen.MultiHeadDotProductAttention``) call
+``attention_fn(query, key, value, mask=..., dropout_rng=..., dropout_rate=...,
+broadcast_dropout=..., deterministic=..., dtype=..., precision=..., module=..., is_causal=...)``
+with ``[batch..., length, heads, head_dim]`` arrays and a boolean ``mask`` broadcastable to
+``[batch..., heads, q_length, kv_length]``. :func:`flax_attention_fn` turns an attnjax op into
+such a function.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax.numpy as jnp
+from jaxtyping import Array, Bool
+
+from attnjax import masks, ops
+from attnjax.masks import Mask, _pytree
+
+
+@_pytree(data=("allowed",))
+class DenseMask(Mask):
+    """A mask given as a boolean array broadcastable to ``[B, H, T, S]`` (rank 4).
+
+    For adapting dense masks from other libraries: it costs ``O(T * S)`` memory by nature.
+    Its block map is computed exactly from the array (per tile ``any``/``all``).
+    """
+
+    allowed: Array
+
+    def predicate(self, q_len, kv_len, b, h, q_idx, kv_idx):
+        a = self.allowed
+        # Indices past the end (tile padding) are clipped; the caller masks them separately.
+        pick = lambda idx, axis, n: 0 if a.shape[axis] == 1 else jnp.clip(idx, 0, n - 1)
+        return a[pick(b, 0, a.shape[0]), pick(h, 1, a.shape[1]),
+                 jnp.clip(q_idx, 0, q_len - 1), jnp.clip(kv_idx, 0, kv_len - 1)]
+
+    def bounds(self, tiles, batch):
+        a = self.allowed
+        nq, nk = tiles.q_lo.shape[2], tiles.kv_lo.shape[3]
+        bq, bk = tiles.block_q, tiles.block_k
+        T, S = a.shape[2], a.shape[3]
+
+        def tile_reduce(fill, reduce):
+            x = jnp.pad(a, ((0, 0), (0, 0), (0, nq * bq - T), (0, nk * bk - S)), constant_values=fill)
+            return reduce(x.reshape(*a.shape[:2], nq, bq, nk, bk), axis=(3, 5))
+
+        # Padding never makes a tile non-empty nor non-full.
+        return tile_reduce(False, jnp.any), tile_reduce(True, jnp.all)
+
+    def check(self, batch, heads, q_len, kv_len):
+        shape = jnp.shape(self.allowed)
+        if len(shape) != 4 or shape[2:] != (q_len, kv_len) or shape[0] not in (1, batch) or shape[1] not in (1, heads):
+            raise ValueError(
+                f"dense mask has shape {shape}; expected [batch={batch} or 1, heads={heads} or 1, "
+                f"q_len={q_len}, kv_len={kv_len}]"
+            )
+
+
+def dense_mask(allowed: Bool[Array, "#B #H T S"]) -> Mask:
+    """Wraps a boolean array (``True`` = attend) as an attnjax mask (see :class:`DenseMask`)."""
+    allowed = jnp.asarray(allowed)
+    if allowed.ndim < 2:
+        raise ValueError(f"a dense mask needs at least [q_len, kv_len] axes; got shape {allowed.shape}")
+    allowed = allowed.reshape((1,) * (4 - allowed.ndim) + allowed.shape) if allowed.ndim < 4 else allowed
+    return DenseMask(allowed.astype(bool))
+
+
+def _top_left_causal(b, h, q_idx, kv_idx):
+    return kv_idx <= q_idx
+
+
+def flax_attention_fn(op: Callable[..., Array] = ops.attention, **op_kwargs) -> Callable[..., Array]:
+    """An ``attention_fn`` for ``flax.nnx.MultiHeadAttention`` that runs the attnjax ``op``.
+
+    The returned function accepts Flax's calling convention and calls
+    ``op(q, k, v, mask=..., **op_kwargs)``:
+
+    * ``mask`` (boolean, ``True`` = attend, broadcastable to ``[batch..., heads, T, S]``) becomes
+      a :class:`DenseMask`, combined by ``&`` with a ``mask`` in ``op_kwargs``; a row with every
+      key masked gives zeros here (Flax's default gives the mean of the values);
+    * ``is_causal=True`` adds Flax's causal mask, which is *top-left* aligned
+      (``tril((T, S))``); with ``T == S`` it is :func:`attnjax.masks.causal`;
+    * ``dtype`` casts q/k/v first (as Flax's ``promote_dtype``); ``precision`` is ignored (attnjax
+      picks float32 matmuls for float32 inputs);
+    * extra leading batch axes are flattened and restored;
+    * ``dropout_rate > 0`` with ``deterministic=False`` raises ``NotImplementedError`` (the core
+      has no attention dropout yet), as does ``module=`` (``sow_weights``: attnjax never forms the
+      weights) and ``bias=``/``input_positions=``.
+
+    Example:
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from attnjax import nn
+    >>> x = jax.random.normal(jax.random.key(0), (2, 7, 16))
+    >>> mk = lambda fn: nnx.MultiHeadAttention(4, 16, attention_fn=fn, decode=False, rngs=nnx.Rngs(0))
+    >>> ours = mk(nn.flax_attention_fn())(x, is_causal=True)
+    >>> theirs = mk(nnx.dot_product_attention)(x, is_causal=True)
+    >>> bool(jnp.allclose(ours, theirs, atol=1e-5))
+    True
+    """
+    if not callable(op):
+        raise TypeError(f"op must be an attnjax op (callable); got {op!r}")
+    base_mask = op_kwargs.pop("mask", None)
+
+    def attention_fn(
+        query, key, value, bias=None, mask=None, broadcast_dropout=True, dropout_rng=None,
+        dropout_rate=0.0, deterministic=False, dtype=None, precision=None, module=None,
+        is_causal=False, promote_dtype=None, input_positions=None,
+    ):
+        if dropout_rate > 0.0 and not deterministic:
+            raise NotImplementedError(
+                f"flax_attention_fn: attention dropout (dropout_rate={dropout_rate}, deterministic=False) "
+                "is not supported by attnjax ops yet; use dropout_rate=0 or deterministic=True"
+            )
+        if module is not None:
+            raise NotImplementedError("flax_attention_fn: sow_weights/module= is not supported (attnjax ops never form the attention weights)")
+        if bias is not None:
+            raise NotImplementedError("flax_attention_fn: pass additive biases to the attnjax op (op_kwargs), not bias=")
+        if input_positions is not None:
+            raise NotImplementedError("flax_attention_fn: input_positions (RoPE) is not supported")
+        if dtype is not None:
+            query, key, value = (x.astype(dtype) for x in (query, key, value))
+        else:
+            dt = jnp.result_type(query, key, value)
+            query, key, value = (x.astype(dt) for x in (query, key, value))
+        batch_shape = query.shape[:-3]
+        flat = lambda x: x.reshape((math.prod(x.shape[:-3]), *x.shape[-3:]))
+        q, k, v = flat(query), flat(key), flat(value)
+        T, S = q.shape[1], k.shape[1]
+        m = base_mask
+        if mask is not None:
+            m = _and(m, _flax_mask(mask, batch_shape, q.shape[2], T, S))
+        if is_causal:
+            m = _and(m, masks.causal() if T == S else masks.from_fn(_top_left_causal))
+        out = op(q, k, v, **op_kwargs) if m is None else op(q, k, v, mask=m, **op_kwargs)
+        return out.reshape((*batch_shape, *out.shape[1:]))
+
+    attention_fn.__name__ = f"flax_attention_fn({getattr(op, '__name__', 'op')})"
+    return attention_fn
+
+
+def _and(a: Mask | None, b: Mask) -> Mask:
+    return b if a is None else a & b
+
+
+def _flax_mask(mask, batch_shape, heads, T, S) -> Mask:
+    """Flax's boolean mask (broadcastable to ``[batch..., H, T, S]``) as a rank-4 DenseMask."""
+    mask = jnp.asarray(mask)
+    rank = len(batch_shape) + 3
+    if mask.ndim > rank:
+        raise ValueError(f"mask has shape {mask.shape}; expected at most rank {rank} [batch..., heads, T, S]")
+    mask = mask.reshape((1,) * (rank - mask.ndim) + mask.shape)
+    full = (*batch_shape, heads, T, S)
+    try:
+        jnp.broadcast_shapes(mask.shape, full)
+    except ValueError:
+        raise ValueError(f"mask of shape {mask.shape} does not broadcast to [batch..., heads, T, S] = {full}") from None
+    lead = mask.shape[:-3]
+    h = mask.shape[-3]
+    if all(n == 1 for n in lead):
+        mask = jnp.broadcast_to(mask, (*lead, h, T, S)).reshape(1, h, T, S)
+    else:
+        mask = jnp.broadcast_to(mask, (*batch_shape, h, T, S)).reshape(-1, h, T, S)
+    return dense_mask(mask)

@@ -1,0 +1,79 @@
+"""Small building blocks shared by the attention modules: QK-norm, LayerScale, output gate, MLP."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
+
+class QKNorm(nnx.Module):
+    """Normalizes queries and keys over the head dim before the dot product.
+
+    ``q <- norm_q(q)``, ``k <- norm_k(k)`` with RMSNorm (default) or LayerNorm without bias, one
+    learned scale per head-dim feature shared by all heads ("Scaling Vision Transformers to
+    22 Billion Parameters", Dehghani et al. 2023): bounds the logits, so training tolerates higher
+    learning rates.
+
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> norm = QKNorm(8, rngs=nnx.Rngs(0))
+    >>> q, k = norm(jnp.ones((1, 3, 2, 8)), jnp.ones((1, 5, 1, 8)))
+    >>> q.shape, k.shape
+    ((1, 3, 2, 8), (1, 5, 1, 8))
+    """
+
+    def __init__(self, head_dim: int, *, kind: str = "rms", epsilon: float = 1e-6, rngs: nnx.Rngs):
+        if kind == "rms":
+            make = lambda: nnx.RMSNorm(head_dim, epsilon=epsilon, rngs=rngs)
+        elif kind == "layer":
+            make = lambda: nnx.LayerNorm(head_dim, epsilon=epsilon, use_bias=False, rngs=rngs)
+        else:
+            raise ValueError(f"QKNorm kind must be 'rms' or 'layer'; got {kind!r}")
+        self.query_norm = make()
+        self.key_norm = make()
+
+    def __call__(self, q: Float[Array, "B T H D"], k: Float[Array, "B S K D"]):
+        return self.query_norm(q), self.key_norm(k)
+
+
+class LayerScale(nnx.Module):
+    """``x * gamma`` with a learned per-feature ``gamma`` initialised small ("Going deeper with
+    Image Transformers", Touvron et al. 2021): residual branches start near identity.
+
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> LayerScale(4, init_value=0.1, rngs=nnx.Rngs(0))(jnp.ones((2, 4)))[0]
+    Array([0.1, 0.1, 0.1, 0.1], dtype=float32)
+    """
+
+    def __init__(self, features: int, *, init_value: float = 1e-5, rngs: nnx.Rngs | None = None):
+        self.gamma = nnx.Param(jnp.full((features,), init_value, jnp.float32))
+
+    def __call__(self, x: Array) -> Array:
+        return x * self.gamma[...].astype(x.dtype)
+
+
+class OutputGate(nnx.Module):
+    """Per-head elementwise sigmoid gate on the attention output, ``o * sigmoid(x W_g)``
+    ("Gated Attention for Large Language Models", Qiu et al. 2025): adds input-dependent
+    sparsity after the softmax and removes attention sinks."""
+
+    def __init__(self, in_features: int, num_heads: int, head_dim: int, *, dtype=None, rngs: nnx.Rngs):
+        self.proj = nnx.LinearGeneral(in_features, (num_heads, head_dim), use_bias=True, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Float[Array, "B T C"], o: Float[Array, "B T H D"]) -> Float[Array, "B T H D"]:
+        return o * jax.nn.sigmoid(self.proj(x)).astype(o.dtype)
+
+
+class Mlp(nnx.Module):
+    """``W_2 gelu(W_1 x)``, hidden width ``ratio * features``."""
+
+    def __init__(self, features: int, *, ratio: float = 4.0, dtype=None, rngs: nnx.Rngs):
+        hidden = int(round(ratio * features))
+        self.fc1 = nnx.Linear(features, hidden, dtype=dtype, rngs=rngs)
+        self.fc2 = nnx.Linear(hidden, features, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        return self.fc2(jax.nn.gelu(self.fc1(x)))
