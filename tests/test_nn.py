@@ -362,12 +362,21 @@ def test_flax_adapter_op_kwargs_and_masks():
     harness.assert_close(fn(q5, k5, v5, mask=extra[None])[0], ours, 1e-6, "batch axes")
 
 
-def test_flax_adapter_refuses_dropout_and_sow():
-    m = nnx.MultiHeadAttention(H, C, attention_fn=nn.flax_attention_fn(), dropout_rate=0.1, decode=False,
+def test_flax_adapter_dropout_and_sow():
+    """Flax's attention dropout reaches the op: training differs from eval, is reproducible
+    from the dropout rng, and deterministic=True applies none."""
+    m = nnx.MultiHeadAttention(H, C, attention_fn=nn.flax_attention_fn(), dropout_rate=0.3, decode=False,
                                rngs=nnx.Rngs(0, dropout=1))
-    with pytest.raises(NotImplementedError, match="dropout"):
-        m(_x(T=3), deterministic=False)
-    m(_x(T=3), deterministic=True)  # fine: no dropout applied
+    x = _x(T=5)
+    eval_out = m(x, deterministic=True)
+    train_out = m(x, deterministic=False, rngs=nnx.Rngs(dropout=7))
+    again = m(x, deterministic=False, rngs=nnx.Rngs(dropout=7))
+    assert float(jnp.abs(train_out - eval_out).max()) > 1e-3
+    np.testing.assert_array_equal(np.asarray(train_out), np.asarray(again))
+    no_dropout = nnx.MultiHeadAttention(H, C, attention_fn=nn.flax_attention_fn(ops.agent_attention),
+                                        dropout_rate=0.1, decode=False, rngs=nnx.Rngs(0, dropout=1))
+    with pytest.raises(NotImplementedError, match="has no attention dropout"):
+        no_dropout(x, deterministic=False)
     m2, _ = _flax_pair()
     with pytest.raises(NotImplementedError, match="sow_weights"):
         m2(_x(T=3), sow_weights=True)

@@ -10,6 +10,7 @@ such a function.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
@@ -86,9 +87,12 @@ def flax_attention_fn(op: Callable[..., Array] = ops.attention, **op_kwargs) -> 
     * ``dtype`` casts q/k/v first (as Flax's ``promote_dtype``); ``precision`` is ignored (attnjax
       picks float32 matmuls for float32 inputs);
     * extra leading batch axes are flattened and restored;
-    * ``dropout_rate > 0`` with ``deterministic=False`` raises ``NotImplementedError`` (the core
-      has no attention dropout yet), as does ``module=`` (``sow_weights``: attnjax never forms the
-      weights) and ``bias=``/``input_positions=``.
+    * ``dropout_rate > 0`` with ``deterministic=False`` becomes the op's ``dropout_rate`` with
+      ``dropout_rng`` as its ``dropout_key`` (for ops that take them; others raise
+      ``NotImplementedError``). attnjax drops each ``(b, h, q, kv)`` weight independently, so
+      Flax's ``broadcast_dropout`` (one pattern shared by the batch and heads) is not honoured;
+    * ``module=`` (``sow_weights``: attnjax never forms the weights), ``bias=`` and
+      ``input_positions=`` raise ``NotImplementedError``.
 
     Example:
 
@@ -111,11 +115,15 @@ def flax_attention_fn(op: Callable[..., Array] = ops.attention, **op_kwargs) -> 
         dropout_rate=0.0, deterministic=False, dtype=None, precision=None, module=None,
         is_causal=False, promote_dtype=None, input_positions=None,
     ):
+        kwargs = op_kwargs
         if dropout_rate > 0.0 and not deterministic:
-            raise NotImplementedError(
-                f"flax_attention_fn: attention dropout (dropout_rate={dropout_rate}, deterministic=False) "
-                "is not supported by attnjax ops yet; use dropout_rate=0 or deterministic=True"
-            )
+            if "dropout_rate" not in inspect.signature(op).parameters:
+                raise NotImplementedError(
+                    f"flax_attention_fn: {getattr(op, '__name__', op)} has no attention dropout; "
+                    "use dropout_rate=0 or deterministic=True")
+            if dropout_rng is None:
+                raise ValueError("flax_attention_fn: dropout_rate > 0 with deterministic=False needs dropout_rng")
+            kwargs = dict(op_kwargs, dropout_rate=float(dropout_rate), dropout_key=dropout_rng)
         if module is not None:
             raise NotImplementedError("flax_attention_fn: sow_weights/module= is not supported (attnjax ops never form the attention weights)")
         if bias is not None:
@@ -136,7 +144,7 @@ def flax_attention_fn(op: Callable[..., Array] = ops.attention, **op_kwargs) -> 
             m = _and(m, _flax_mask(mask, batch_shape, q.shape[2], T, S))
         if is_causal:
             m = _and(m, masks.causal() if T == S else masks.from_fn(_top_left_causal))
-        out = op(q, k, v, **op_kwargs) if m is None else op(q, k, v, mask=m, **op_kwargs)
+        out = op(q, k, v, **kwargs) if m is None else op(q, k, v, mask=m, **kwargs)
         return out.reshape((*batch_shape, *out.shape[1:]))
 
     attention_fn.__name__ = f"flax_attention_fn({getattr(op, '__name__', 'op')})"
