@@ -5,6 +5,7 @@ legend. Every op takes ``implementation=None | "reference" | "xla" | "pallas"``.
 """
 
 from attnjax.ops.attention import attention, sigmoid_attention
+from attnjax.ops.neighborhood import neighborhood_attention
 from attnjax.ops.xla import BlockSizes
 
-__all__ = ["attention", "sigmoid_attention", "BlockSizes"]
+__all__ = ["attention", "sigmoid_attention", "neighborhood_attention", "BlockSizes"]
