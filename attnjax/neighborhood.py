@@ -119,19 +119,19 @@ def unravel(idx, shape: Sequence[int]):
     return tuple(reversed(coords))
 
 
-def _boxes(a, b, shape):
+def _boxes(a, b, shape, xp=jnp):
     """Splits the flattened ranges ``[a, b]`` (broadcasting arrays, ``a <= b``) into boxes.
 
     Returns ``[(valid, lo_coords, hi_coords)]``, ``2**r - 1`` entries for rank ``r``; boxes with
     ``valid`` false are absent for that range.
     """
     if len(shape) == 1:
-        return [(jnp.ones(jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b)), bool), (a,), (b,))]
+        return [(xp.ones(xp.broadcast_shapes(xp.shape(a), xp.shape(b)), bool), (a,), (b,))]
     row = math.prod(shape[1:])
     ra, rb, xa, xb = a // row, b // row, a % row, b % row
     same = ra == rb
-    head = _boxes(xa, jnp.where(same, xb, row - 1), shape[1:])
-    tail = _boxes(jnp.zeros_like(xb), xb, shape[1:])
+    head = _boxes(xa, xp.where(same, xb, row - 1), shape[1:], xp)
+    tail = _boxes(xp.zeros_like(xb), xb, shape[1:], xp)
     first = tuple(0 for _ in shape[1:])
     last = tuple(n - 1 for n in shape[1:])
     out = [(v, (ra, *lo), (ra, *hi)) for v, lo, hi in head]
@@ -159,20 +159,29 @@ class Neighborhood(Mask):
         return out
 
     def bounds(self, tiles: Tiles, batch: int):
+        # Everything here is static (shapes, kernel sizes), so the classification is computed with
+        # numpy at trace time from the tiles' sizes: no traced work, whatever the caller's jit.
         shape = self.spatial_shape
-        q_boxes = _boxes(tiles.q_lo, tiles.q_hi, shape)
-        kv_boxes = _boxes(tiles.kv_lo, tiles.kv_hi, shape)
-        may_any, must_all = False, True
-        for qv, q_lo, q_hi in q_boxes:
-            for kv, k_lo, k_hi in kv_boxes:
+        t = tiles
+        nq, nk = -(-t.q_len // t.block_q), -(-t.kv_len // t.block_k)
+        q_lo = np.arange(nq)[:, None] * t.block_q
+        kv_lo = np.arange(nk)[None, :] * t.block_k
+        q_hi, kv_hi = np.minimum(q_lo + t.block_q, t.q_len) - 1, np.minimum(kv_lo + t.block_k, t.kv_len) - 1
+        q_boxes = _boxes(q_lo, q_hi, shape, np)
+        kv_boxes = _boxes(kv_lo, kv_hi, shape, np)
+        may_any, must_all = np.zeros((nq, nk), bool), np.ones((nq, nk), bool)
+        for qv, q_lo_c, q_hi_c in q_boxes:
+            for kv, k_lo_c, k_hi_c in kv_boxes:
                 both = qv & kv
+                if not both.any():
+                    continue
                 any_, all_ = both, both
-                for ax, qa, qb, ka, kb in zip(self.axes, q_lo, q_hi, k_lo, k_hi):
-                    any_ = any_ & ax.may_any(qa, qb, ka, kb)
-                    all_ = all_ & ax.must_all(qa, qb, ka, kb)
-                may_any = may_any | any_
-                must_all = must_all & (~both | all_)
-        return may_any, must_all
+                for ax, qa, qb, ka, kb in zip(self.axes, q_lo_c, q_hi_c, k_lo_c, k_hi_c):
+                    any_ = any_ & ax.may_any(qa, qb, ka, kb, np)
+                    all_ = all_ & ax.must_all(qa, qb, ka, kb, np)
+                may_any |= any_
+                must_all &= ~both | all_
+        return jnp.asarray(may_any)[None, None], jnp.asarray(must_all)[None, None]
 
     def check(self, batch, heads, q_len, kv_len):
         n = math.prod(self.spatial_shape)

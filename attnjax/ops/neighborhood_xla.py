@@ -110,12 +110,14 @@ def neighborhood_attention(q, k, v, axes: tuple[AxisWindow, ...], scale: float, 
                    precision=_precision(q.dtype)) * scale
     allowed = ok[None, :, None, None]  # [1, P, 1, 1, Q, W]
     s = jnp.where(allowed, s, _MASKED)
+    # Every row has at least one allowed key (padded query rows take the window of the last real
+    # query of their group), so exp(_MASKED - max) underflows to exactly 0 with no extra select.
     m = lax.stop_gradient(s.max(-1, keepdims=True))
-    p = jnp.where(allowed, jnp.exp(s - m), 0.0)
-    l = p.sum(-1, keepdims=True)
-    p = p / jnp.where(l == 0.0, 1.0, l)
-    out = jnp.einsum("bpkgqw,bpwke->bpqkge", p.astype(v.dtype) if v.dtype != jnp.float32 else p, vt,
-                     preferred_element_type=jnp.float32, precision=_precision(v.dtype))
+    p = jnp.exp(s - m)
+    l = p.sum(-1)[..., None]  # [B, P, K, G, Q, 1]
+    out = jnp.einsum("bpkgqw,bpwke->bpkgqe", p, vt, preferred_element_type=jnp.float32,
+                     precision=_precision(v.dtype))
+    out = (out / l).transpose(0, 1, 4, 2, 3, 5)  # [B, P, Q, K, G, E]
     out = out.reshape(B, *[x for p_ in plans for x in (p_.d, p_.nt)], *[p_.bq for p_ in plans], H, E)
     # [B, d0, nt0, d1, nt1, bq0, bq1, H, E] -> [B, (d0 nt0 bq0), (d1 nt1 bq1), H, E] -> grid
     order = [x for a in range(r) for x in (1 + 2 * a, 2 + 2 * a, 1 + 2 * r + a)]
