@@ -43,7 +43,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax.masks import Mask, Tiles, _pytree
+from attnjax.masks import Mask, Tiles, _pytree  # noqa: F401  (Tiles: the bounds() contract)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +199,7 @@ class Neighborhood(Mask):
 def _per_axis(name: str, value, rank: int, kind=int) -> tuple:
     if isinstance(value, (tuple, list)):
         if len(value) != rank:
-            raise ValueError(f"{name} must be a {kind.__name__} or a tuple of {rank} (one per spatial axis); "
+            raise ValueError(f"{name} must be one {kind.__name__} or a tuple of {rank} (one per spatial axis); "
                              f"got {tuple(value)!r}")
         values = tuple(value)
     else:
@@ -269,3 +269,62 @@ def neighborhood(
            [0, 0, 0, 1, 1, 1]], dtype=int32)
     """
     return Neighborhood(axis_windows(spatial_shape, kernel_size, dilation, stride, is_causal))
+
+
+@_pytree(meta=("axes", "tile"))
+class TiledNeighborhood(Mask):
+    """:class:`Neighborhood` on tokens reordered tile by tile ("token permutation", as in NATTEN's
+    fused kernels), so that a run of ``prod(tile)`` flat positions is one multi-dimensional tile.
+
+    Each axis is padded to a multiple of its tile; flat position ``p`` is tile ``p // prod(tile)``
+    (row-major over the tile grid) at offset ``p % prod(tile)`` (row-major inside the tile). Padded
+    positions are never attended (and padded queries attend to nothing). With blocks of exactly
+    ``prod(tile)`` positions a block is one box, so block maps are exact and strided windows aligned
+    with the tiles are fully block-sparse (only EMPTY and FULL tiles).
+    """
+
+    axes: tuple[AxisWindow, ...]
+    tile: tuple[int, ...]
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        return tuple(-(-a.extent // t) for a, t in zip(self.axes, self.tile))
+
+    @property
+    def length(self) -> int:
+        return math.prod(self.grid) * math.prod(self.tile)
+
+    def coords(self, idx):
+        vol = math.prod(self.tile)
+        tiles, offsets = unravel(idx // vol, self.grid), unravel(idx % vol, self.tile)
+        return tuple(c * t + o for c, t, o in zip(tiles, self.tile, offsets))
+
+    def predicate(self, q_len, kv_len, b, h, q_idx, kv_idx):
+        out = None
+        for ax, i, j in zip(self.axes, self.coords(q_idx), self.coords(kv_idx)):
+            ok = (i < ax.extent) & (j < ax.extent) & ax.allowed(i, j)
+            out = ok if out is None else out & ok
+        return out
+
+    def bounds(self, tiles: Tiles, batch: int):
+        vol = math.prod(self.tile)
+        nq, nk = -(-tiles.q_len // tiles.block_q), -(-tiles.kv_len // tiles.block_k)
+        if tiles.block_q != vol or tiles.block_k != vol:
+            # Blocks that are not tiles: every tile may be partial (correct, no skipping).
+            return np.ones((1, 1, nq, nk), bool), np.zeros((1, 1, nq, nk), bool)
+        q_tiles = unravel(np.arange(nq)[:, None], self.grid)
+        kv_tiles = unravel(np.arange(nk)[None, :], self.grid)
+        may_any, must_all = True, True
+        for ax, t, cq, ck in zip(self.axes, self.tile, q_tiles, kv_tiles):
+            qa, qb = cq * t, np.minimum(cq * t + t, ax.extent) - 1
+            ka, kb = ck * t, np.minimum(ck * t + t, ax.extent) - 1
+            may_any = may_any & ax.may_any(qa, qb, ka, kb, np)
+            # Padded positions are never allowed, so a tile that sticks out is never FULL.
+            inside = (cq * t + t <= ax.extent) & (ck * t + t <= ax.extent)
+            must_all = must_all & ax.must_all(qa, qb, ka, kb, np) & inside
+        return jnp.asarray(may_any)[None, None], jnp.asarray(must_all)[None, None]
+
+    def check(self, batch, heads, q_len, kv_len):
+        if q_len != self.length or kv_len != self.length:
+            raise ValueError(f"the tiled neighborhood mask needs q_len == kv_len == {self.length}; "
+                             f"got q_len={q_len}, kv_len={kv_len}")

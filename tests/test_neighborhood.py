@@ -114,6 +114,42 @@ def test_block_map_under_jit_and_pytree():
     assert jax.tree.leaves(m) == []  # static: no array leaves
 
 
+def _permutation(shape, tile):
+    """Flat tiled position -> row-major flat position (or -1 for padding), in numpy."""
+    grid = [-(-n // t) for n, t in zip(shape, tile)]
+    coords = np.indices([g * t for g, t in zip(grid, tile)])  # [r, *padded]
+    flat = np.ravel_multi_index(tuple(np.minimum(c, n - 1) for c, n in zip(coords, shape)), shape)
+    valid = np.all([c < n for c, n in zip(coords, shape)], axis=0)
+    flat = np.where(valid, flat, -1)
+    r = len(shape)
+    flat = flat.reshape([d for g, t in zip(grid, tile) for d in (g, t)])
+    return flat.transpose(*range(0, 2 * r, 2), *range(1, 2 * r, 2)).reshape(-1)
+
+
+@pytest.mark.parametrize("case", ["1d-k6-s3-d2-causal", "2d-k4x5-s2x3-causal-tf", "3d-k3x4x5-mixed", "2d-k7x3-d5x1"])
+def test_tiled_mask_and_block_map_are_exact(case):
+    from attnjax.neighborhood import TiledNeighborhood, axis_windows
+
+    shape, kw = MASK_CASES[case]
+    tile = {1: (8,), 2: (4, 8), 3: (4, 4, 2)}[len(shape)]
+    m = TiledNeighborhood(axis_windows(shape, **kw), tile)
+    perm = _permutation(shape, tile)
+    dense = numpy_mask(shape, **_np_kwargs(kw))
+    want = np.where((perm[:, None] >= 0) & (perm[None, :] >= 0), dense[perm[:, None], perm[None, :]], False)
+    n, vol = m.length, int(np.prod(tile))
+    np.testing.assert_array_equal(np.asarray(m.materialize(n, n))[0, 0], want)
+    got = np.asarray(m.block_map(n, n, vol, vol))[0, 0]
+    np.testing.assert_array_equal(got, dense_tile_classes(want, vol, vol))
+
+
+def test_tiled_strided_windows_are_fully_block_sparse():
+    from attnjax.neighborhood import TiledNeighborhood, axis_windows
+
+    m = TiledNeighborhood(axis_windows((32, 48), (16, 8), stride=(16, 8)), (8, 8))  # starts on tile edges
+    classes = np.asarray(m.block_map(m.length, m.length, 64, 64))
+    assert set(np.unique(classes)) == {EMPTY, FULL}
+
+
 @pytest.mark.parametrize(
     "kwargs, error, words",
     [
@@ -122,10 +158,10 @@ def test_block_map_under_jit_and_pytree():
         (dict(kernel_size=0), ValueError, "kernel_size must be >= 1"),
         (dict(kernel_size=3, dilation=-1), ValueError, "dilation must be >= 1"),
         (dict(kernel_size=3, stride=0), ValueError, "stride must be >= 1"),
-        (dict(kernel_size=(3, 3, 3)), ValueError, "kernel_size must be a int or a tuple of 2"),
+        (dict(kernel_size=(3, 3, 3)), ValueError, "kernel_size must be one int or a tuple of 2"),
         (dict(kernel_size=2.5), TypeError, "kernel_size must be an int"),
         (dict(kernel_size=3, is_causal=1), TypeError, "is_causal must be a bool"),
-        (dict(kernel_size=3, is_causal=(True,)), ValueError, "is_causal must be a bool or a tuple of 2"),
+        (dict(kernel_size=3, is_causal=(True,)), ValueError, "is_causal must be one bool or a tuple of 2"),
     ],
     ids=["too-large", "stride>kernel", "zero", "negative", "stride-zero", "rank", "float", "causal-int",
          "causal-rank"],

@@ -93,10 +93,31 @@ def _reference(q, k, v, mask, scale):
 
 
 def _pallas(q, k, v, mask, scale):
+    import jax.numpy as jnp
+
+    from attnjax.neighborhood import TiledNeighborhood
     from kernels_pallas.neighborhood import flash
 
-    out = flash.neighborhood_attention(_flat(q), _flat(k), _flat(v), mask, scale)
-    return out.reshape(*q.shape[:-1], v.shape[-1])
+    # Token permutation: reorder tokens tile by tile so each kernel block of prod(tile) flat
+    # positions is one multi-dimensional tile (exact, often FULL or EMPTY, block maps).
+    tile = tuple(min(t, a.extent) for t, a in zip(neighborhood_xla.TILE[len(mask.axes)], mask.axes))
+    tiled = TiledNeighborhood(mask.axes, tile)
+    spatial, grid = mask.spatial_shape, tiled.grid
+    r = len(spatial)
+
+    def to_tiles(x):
+        pad = [(0, 0)] + [(0, g * t - n) for g, t, n in zip(grid, tile, spatial)] + [(0, 0)] * 2
+        x = jnp.pad(x, pad)
+        x = x.reshape(x.shape[0], *[d for g, t in zip(grid, tile) for d in (g, t)], *x.shape[-2:])
+        x = x.transpose(0, *range(1, 2 * r, 2), *range(2, 2 * r + 1, 2), 2 * r + 1, 2 * r + 2)
+        return x.reshape(x.shape[0], -1, *x.shape[-2:])
+
+    out = flash.neighborhood_attention(to_tiles(q), to_tiles(k), to_tiles(v), tiled, scale,
+                                       flash.BlockSizes(math.prod(tile), math.prod(tile)))
+    out = out.reshape(out.shape[0], *grid, *tile, *out.shape[-2:])
+    out = out.transpose(0, *[x for a in range(r) for x in (1 + a, 1 + r + a)], 2 * r + 1, 2 * r + 2)
+    out = out.reshape(out.shape[0], *[g * t for g, t in zip(grid, tile)], *out.shape[-2:])
+    return out[(slice(None), *[slice(0, n) for n in spatial])]
 
 
 def _validate(q, k, v, scale):
