@@ -199,8 +199,8 @@ class Neighborhood(Mask):
 def _per_axis(name: str, value, rank: int, kind=int) -> tuple:
     if isinstance(value, (tuple, list)):
         if len(value) != rank:
-            raise ValueError(f"{name} must be one {kind.__name__} or a tuple of {rank} (one per spatial axis); "
-                             f"got {tuple(value)!r}")
+            raise ValueError(f"{name} must be one {kind.__name__} or a tuple of {rank} "
+                             f"(one per spatial axis); got {tuple(value)!r}")
         values = tuple(value)
     else:
         values = (value,) * rank

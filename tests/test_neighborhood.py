@@ -46,7 +46,8 @@ def numpy_mask(shape, kernel, dilation=1, stride=1, causal=False):
     """AND of the per-axis masks over row-major flattened positions (a Kronecker product)."""
     r = len(shape)
     per = lambda x: x if isinstance(x, tuple) else (x,) * r
-    axes = [numpy_axis_mask(*args) for args in zip(shape, per(kernel), per(dilation), per(stride), per(causal))]
+    args = zip(shape, per(kernel), per(dilation), per(stride), per(causal))
+    axes = [numpy_axis_mask(*a) for a in args]
     return functools.reduce(lambda a, b: np.kron(a, b).astype(bool), axes)
 
 
@@ -126,7 +127,8 @@ def _permutation(shape, tile):
     return flat.transpose(*range(0, 2 * r, 2), *range(1, 2 * r, 2)).reshape(-1)
 
 
-@pytest.mark.parametrize("case", ["1d-k6-s3-d2-causal", "2d-k4x5-s2x3-causal-tf", "3d-k3x4x5-mixed", "2d-k7x3-d5x1"])
+@pytest.mark.parametrize("case", ["1d-k6-s3-d2-causal", "2d-k4x5-s2x3-causal-tf", "3d-k3x4x5-mixed",
+                                  "2d-k7x3-d5x1"])
 def test_tiled_mask_and_block_map_are_exact(case):
     from attnjax.neighborhood import TiledNeighborhood, axis_windows
 
@@ -215,7 +217,8 @@ class NeighborhoodSuite:
     def check(self, spatial, kw, dtype=jnp.float32, **shape):
         op = lambda q, k, v: ops.neighborhood_attention(q, k, v, implementation=self.implementation, **kw)
         ref = lambda q, k, v: ops.neighborhood_attention(q, k, v, implementation="reference", **kw)
-        harness.check_vjp(op, ref, _qkv(spatial, **shape), dtype, what=f"{self.implementation} {spatial} {kw}")
+        what = f"{self.implementation} {spatial} {kw}"
+        harness.check_vjp(op, ref, _qkv(spatial, **shape), dtype, what=what)
 
     @pytest.mark.parametrize("case", list(OP_CASES))
     def test_awkward_shapes(self, case):
@@ -235,7 +238,8 @@ class NeighborhoodSuite:
     @pytest.mark.parametrize("causal", list(itertools.product([False, True], repeat=3)),
                              ids=lambda c: "causal-" + "".join("TF"[not x] for x in c))
     def test_causal_3d(self, causal):
-        self.check((9, 10, 11), dict(kernel_size=(3, 4, 5), dilation=(2, 1, 2), stride=(1, 2, 3), is_causal=causal))
+        self.check((9, 10, 11),
+                   dict(kernel_size=(3, 4, 5), dilation=(2, 1, 2), stride=(1, 2, 3), is_causal=causal))
 
     def test_causal_1d(self):
         self.check((200,), dict(kernel_size=33, stride=8, dilation=3, is_causal=True))
@@ -244,11 +248,13 @@ class NeighborhoodSuite:
         self.check((20, 17), dict(kernel_size=(5, 6), stride=(1, 3)), H=4, K=2, D=12, E=6)
 
     def test_bf16(self):
-        self.check((20, 17), dict(kernel_size=(5, 6), dilation=(2, 1), is_causal=(False, True)), jnp.bfloat16, H=4, K=1)
+        kw = dict(kernel_size=(5, 6), dilation=(2, 1), is_causal=(False, True))
+        self.check((20, 17), kw, jnp.bfloat16, H=4, K=1)
 
     def test_jit_and_batch(self):
         q, k, v = _qkv((16, 12), B=3)
-        f = jax.jit(lambda q, k, v: ops.neighborhood_attention(q, k, v, kernel_size=5, implementation=self.implementation))
+        impl = self.implementation
+        f = jax.jit(lambda q, k, v: ops.neighborhood_attention(q, k, v, kernel_size=5, implementation=impl))
         ref = ops.neighborhood_attention(q, k, v, kernel_size=5, implementation="reference")
         harness.assert_close(f(q, k, v), ref, harness.tolerance(jnp.float32), "jit batch")
 

@@ -123,10 +123,13 @@ def _pallas(q, k, v, mask, scale):
 def _validate(q, k, v, scale):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if getattr(x, "shape", None) is None:
-            raise TypeError(f"{name} must be an array of shape [batch, *spatial, heads, head_dim]; got {type(x).__name__}")
+            raise TypeError(
+                f"{name} must be an array of shape [batch, *spatial, heads, head_dim]; got {type(x).__name__}"
+            )
         if not 4 <= len(x.shape) <= 6:
             raise ValueError(
-                f"{name} must have rank 4 to 6, [batch, *spatial (1 to 3 axes), heads, head_dim]; got shape {x.shape}"
+                f"{name} must have rank 4 to 6, [batch, *spatial (1 to 3 axes), heads, head_dim]; "
+                f"got shape {x.shape}"
             )
         _checks.check_float(name, x)
     if not q.dtype == k.dtype == v.dtype:
@@ -139,7 +142,9 @@ def _validate(q, k, v, scale):
     if v.shape[:-1] != k.shape[:-1]:
         raise ValueError(f"v has shape {v.shape}; its leading axes must match k's {k.shape[:-1]}")
     if q.shape[-2] % k.shape[-2]:
-        raise ValueError(f"k has {k.shape[-2]} heads (shape {k.shape}), which must divide the {q.shape[-2]} query heads of q")
+        raise ValueError(
+            f"k has {k.shape[-2]} heads (shape {k.shape}), which must divide q's {q.shape[-2]} heads"
+        )
     if math.prod(q.shape) == 0:
         raise ValueError(f"q must not be empty; got shape {q.shape}")
     if scale is None:

@@ -1,6 +1,6 @@
 """Neighborhood attention: cost follows the window, not the sequence.
 
-    python -m experiments.bench.cpu neighborhood           # 2-D 64x64 and 1-D 16K, k = 7..65; ~10 min on 2 cores
+    python -m experiments.bench.cpu neighborhood           # 2-D 64x64, 1-D 16K, k = 7..65; ~10 min, 2 cores
     python -m experiments.bench.cpu neighborhood --quick   # 2-D 32x32 and 1-D 2K: a smoke test
     python -m experiments.bench.gpu neighborhood           # Pallas NA vs cuDNN dense, NATTEN profiler configs
 
@@ -101,7 +101,8 @@ def cpu(args) -> None:
         if "seconds" in gen:
             entry["na_xla_speedup_over_generic_xla"] = round(gen["seconds"] / na["seconds"], 2)
         summary[f"{sp} k={kernel}"] = entry
-    payload = {"config": {"B": 1, "D": D, "dtype": "float32", "pass": "forward"}, "rows": rows, "summary": summary}
+    config = {"B": 1, "D": D, "dtype": "float32", "pass": "forward"}
+    payload = {"config": config, "rows": rows, "summary": summary}
     _write("neighborhood" + ("-quick" if args.quick else ""), payload, args)
 
 
@@ -122,7 +123,8 @@ def gpu(args) -> None:
         result = {}
         for impl in ("na_pallas", "cudnn_dense"):
             row = {"config": name, "implementation": impl,
-                   **common.run_worker(__name__, impl, sp, str(kernel), str(heads), str(stride), "bfloat16", "128")}
+                   **common.run_worker(__name__, impl, sp, str(kernel), str(heads), str(stride),
+                                       "bfloat16", "128")}
             rows.append(row)
             result[impl] = row
             print(json.dumps(row), flush=True)
@@ -133,7 +135,8 @@ def gpu(args) -> None:
             entry["speedup_over_cudnn_dense"] = round(speedup, 2)
             entry["fraction_of_bound"] = round(speedup * density, 3)
         summary[name] = entry
-    payload = {"config": {"B": 1, "D": 128, "dtype": "bfloat16", "pass": "forward"}, "rows": rows, "summary": summary}
+    config = {"B": 1, "D": 128, "dtype": "bfloat16", "pass": "forward"}
+    payload = {"config": config, "rows": rows, "summary": summary}
     _write("neighborhood" + ("-quick" if args.quick else ""), payload, args)
 
 

@@ -117,7 +117,8 @@ def _fwd_kernel(classes_ref, order_ref, counts_ref, q_ref, k_ref, v_ref, o_ref, 
         return lax.cond(full, functools.partial(step, False, j), functools.partial(step, True, j), carry)
 
     E = v_ref.shape[-1]
-    init = (jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32), jnp.zeros((bq, E), jnp.float32))
+    f32 = jnp.float32
+    init = (jnp.full((bq,), -jnp.inf, f32), jnp.zeros((bq,), f32), jnp.zeros((bq, E), f32))
     m, l, acc = lax.fori_loop(0, counts_ref[i], body, init)
     empty = l == 0.0
     o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
@@ -226,7 +227,8 @@ def _backward(st: _Static, q, k, v, o, lse, do):
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, st=st),
         grid=(B, H, N // bq),
-        in_specs=[whole(classes), whole(order), whole(counts), row(D), kv_whole(D), kv_whole(E), row(E), vec, vec],
+        in_specs=[whole(classes), whole(order), whole(counts), row(D), kv_whole(D), kv_whole(E), row(E),
+                  vec, vec],
         out_specs=row(D),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         interpret=backend.interpret(),
