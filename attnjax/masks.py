@@ -445,3 +445,6 @@ def collapse(block_map: Int8[Array, "b h nq nk"], pad_kv: bool = False) -> Int8[
         last = classes[:, -1]
         classes = classes.at[:, -1].set(jnp.where(last == FULL, PARTIAL, last).astype(jnp.int8))
     return classes
+
+
+from attnjax.neighborhood import Neighborhood, neighborhood  # noqa: E402,F401  (imports Mask from here)

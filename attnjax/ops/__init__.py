@@ -4,13 +4,15 @@ Tensors are ``[batch, seq, heads, head_dim]``; see :mod:`attnjax.ops._common` fo
 legend. Every op takes ``implementation=None | "reference" | "xla" | "pallas"``.
 """
 
-from attnjax.ops.attention import attention, sigmoid_attention
-from attnjax.ops.xla import BlockSizes
 from attnjax.ops.agent import agent_attention, pool_agents_1d, pool_agents_2d
+from attnjax.ops.attention import attention, sigmoid_attention
 from attnjax.ops.moh import MoHOutput, moh_attention
+from attnjax.ops.neighborhood import neighborhood_attention
+from attnjax.ops.xla import BlockSizes
 
 __all__ = [
     "attention", "sigmoid_attention", "BlockSizes",
     "agent_attention", "pool_agents_1d", "pool_agents_2d",
     "moh_attention", "MoHOutput",
+    "neighborhood_attention",
 ]
