@@ -5,6 +5,20 @@ legend. Every op takes ``implementation=None | "reference" | "xla" | "pallas"``.
 """
 
 from attnjax.ops.attention import attention, sigmoid_attention
+from attnjax.ops.lightning import (
+    lightning_attention,
+    lightning_decode_step,
+    lightning_layer_slopes,
+    lightning_slopes,
+)
 from attnjax.ops.xla import BlockSizes
 
-__all__ = ["attention", "sigmoid_attention", "BlockSizes"]
+__all__ = [
+    "attention",
+    "sigmoid_attention",
+    "BlockSizes",
+    "lightning_attention",
+    "lightning_decode_step",
+    "lightning_layer_slopes",
+    "lightning_slopes",
+]

@@ -1,0 +1,81 @@
+r"""Chunked lightning attention in pure JAX ("Lightning Attention-2", Qin et al., 2024).
+
+The sequence is cut into chunks of ``C`` tokens. Inside a chunk the masked quadratic form is
+used; across chunks a float32 state carries the past:
+
+.. math::
+
+    O_i = (Q_i K_i^\top \odot M_i) V_i + (Q_i \odot \lambda^{j+1}) S_{i-1},\qquad
+    S_i = \lambda^{C} S_{i-1} + (K_i \odot \lambda^{C-1-j})^\top V_i .
+
+Every chunk's intra part and state contribution ``U_i`` are computed at once (batched matmuls,
+parallel over chunks); only the cheap state recurrence ``S_i = \lambda^C S_{i-1} + U_i`` is a
+sequential ``lax.scan`` over ``T / C`` steps. Decay exponents are always ``<= 0`` (no
+``\lambda^{-j}`` factoring), so strong decays underflow to 0 instead of overflowing.
+
+Backward: plain autodiff. Everything the forward keeps is ``O(T)``: the per-chunk masks
+``[T/C, C, C]`` (``T C`` floats) and the chunk states ``[T/C, D, E]`` (``T D E / C`` floats),
+the same residuals a hand-written backward would keep or recompute, and autodiff also gives
+exact gradients of ``log_decay`` (learned decays) for free. The Pallas kernel is where a
+hand-written, recomputing backward pays.
+
+Padding to a multiple of ``C`` uses zero keys/values and zero decay, so padded steps leave the
+state untouched and the final state is exact. Document resets are masks: a token sees a key
+only in its own document, and the carried state only if no boundary lies in between.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from attnjax.ops._lightning.common import round_up
+
+HI = lax.Precision.HIGHEST
+DEFAULT_BLOCK = 64
+
+
+def chunk_decays(a, length: int, n: int, C: int):
+    """``A[h, i, j]``: log decay accumulated from the start of chunk ``i`` through its token
+    ``j`` (``a_h`` per real token, 0 per padding token), ``[H, n, C]``."""
+    real = jnp.clip(length - jnp.arange(n) * C, 0, C)[:, None]  # real tokens per chunk, [n, 1]
+    steps = jnp.minimum(jnp.arange(1, C + 1)[None, :], real)  # [n, C]
+    return a[:, None, None] * steps.astype(jnp.float32)
+
+
+def forward(q, k, v, a, docs, s0, scale, block_size=None):
+    B, T, H, D = q.shape
+    E = v.shape[-1]
+    C = min(block_size or DEFAULT_BLOCK, round_up(T, 8))
+    n = -(-T // C)
+    pad = n * C - T
+    f32 = lambda x: jnp.pad(x.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
+    chunks = lambda x: x.reshape(B, n, C, H, x.shape[-1]).transpose(0, 3, 1, 2, 4)  # [B, H, n, C, *]
+    qc, kc, vc = chunks(scale * f32(q)), chunks(f32(k)), chunks(f32(v))
+    dc = jnp.pad(docs, ((0, 0), (0, pad)), mode="edge").reshape(B, n, C)  # pads join the last doc
+    prev = jnp.concatenate([dc[:, :1, 0], dc[:, :-1, -1]], axis=1)  # doc before each chunk, [B, n]
+
+    A = chunk_decays(a, T, n, C)  # [H, n, C]
+    last = A[:, :, -1]  # [H, n]
+    j = jnp.arange(C)
+    allowed = (j[:, None] >= j[None, :]) & (dc[:, :, :, None] == dc[:, :, None, :])  # [B, n, C, C]
+    # exp(-inf) for masked entries (not a where around exp): zero values and zero gradients.
+    M = jnp.exp(jnp.where(allowed[:, None], A[..., :, None] - A[..., None, :], -jnp.inf))  # [B,H,n,C,C]
+    s = jnp.einsum("bhncd,bhnld->bhncl", qc, kc, precision=HI) * M
+    out = jnp.einsum("bhncl,bhnle->bhnce", s, vc, precision=HI)
+
+    # Each chunk's contribution to the state after it: its last document's keys, decayed to the end.
+    w = jnp.exp(jnp.where((dc == dc[:, :, -1:])[:, None], last[..., None] - A, -jnp.inf))  # [B,H,n,C]
+    U = jnp.einsum("bhncd,bhnce->nbhde", kc * w[..., None], vc, precision=HI)
+    keep = jnp.where((dc[:, :, -1] == prev)[:, None], jnp.exp(last)[None], 0.0)  # [B, H, n]
+
+    def step(state, x):
+        keep_i, U_i = x
+        return keep_i[..., None, None] * state + U_i, state
+
+    final, before = lax.scan(step, s0.astype(jnp.float32), (jnp.moveaxis(keep, 2, 0), U))
+    # before: [n, B, H, D, E], the state entering each chunk.
+    qw = jnp.exp(jnp.where((dc == prev[..., None])[:, None], A[None], -jnp.inf))  # [B, H, n, C]
+    out = out + jnp.einsum("bhncd,nbhde->bhnce", qc * qw[..., None], before, precision=HI)
+    out = out.transpose(0, 2, 3, 1, 4).reshape(B, n * C, H, E)[:, :T]
+    return out, final
