@@ -8,9 +8,11 @@ used; across chunks a float32 state carries the past:
     O_i = (Q_i K_i^\top \odot M_i) V_i + (Q_i \odot \lambda^{j+1}) S_{i-1},\qquad
     S_i = \lambda^{C} S_{i-1} + (K_i \odot \lambda^{C-1-j})^\top V_i .
 
-Every chunk's intra part and state contribution ``U_i`` are computed at once (batched matmuls,
-parallel over chunks); only the cheap state recurrence ``S_i = \lambda^C S_{i-1} + U_i`` is a
-sequential ``lax.scan`` over ``T / C`` steps. Decay exponents are always ``<= 0`` (no
+Chunks are processed ``CHUNKS_PER_STEP`` at a time in a ``lax.scan`` whose carry is the state:
+within a step, every chunk's intra part and state contribution ``U_i`` are computed at once
+(batched matmuls, parallel over chunks) and only the cheap recurrence
+``S_i = \lambda^C S_{i-1} + U_i`` is sequential. A step's working set is fixed (about a thousand
+tokens), so it stays in cache and time per token does not grow with ``T``. Decay exponents are always ``<= 0`` (no
 ``\lambda^{-j}`` factoring), so strong decays underflow to 0 instead of overflowing.
 
 Backward: plain autodiff. Everything the forward keeps is ``O(T)``: the per-chunk masks
@@ -33,6 +35,9 @@ from attnjax.ops._lightning.common import round_up
 
 HI = lax.Precision.HIGHEST
 DEFAULT_BLOCK = 64
+# Chunks processed per sequential step: enough parallel work per step, a working set that stays
+# in cache (so time per token does not grow with T).
+CHUNKS_PER_STEP = 16
 
 
 def chunk_decays(a, length: int, n: int, C: int):
@@ -47,35 +52,51 @@ def forward(q, k, v, a, docs, s0, scale, block_size=None):
     B, T, H, D = q.shape
     E = v.shape[-1]
     C = min(block_size or DEFAULT_BLOCK, round_up(T, 8))
-    n = -(-T // C)
+    g = min(CHUNKS_PER_STEP, -(-T // C))  # chunks per sequential step
+    n = round_up(-(-T // C), g)
     pad = n * C - T
     f32 = lambda x: jnp.pad(x.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
-    chunks = lambda x: x.reshape(B, n, C, H, x.shape[-1]).transpose(0, 3, 1, 2, 4)  # [B, H, n, C, *]
+    # [steps, B, H, g, C, *]: the sequential axis first, for lax.scan.
+    chunks = lambda x: x.reshape(B, n // g, g, C, H, x.shape[-1]).transpose(1, 0, 4, 2, 3, 5)
     qc, kc, vc = chunks(scale * f32(q)), chunks(f32(k)), chunks(f32(v))
-    dc = jnp.pad(docs, ((0, 0), (0, pad)), mode="edge").reshape(B, n, C)  # pads join the last doc
-    prev = jnp.concatenate([dc[:, :1, 0], dc[:, :-1, -1]], axis=1)  # doc before each chunk, [B, n]
+    dc = jnp.pad(docs, ((0, 0), (0, pad)), mode="edge").reshape(B, n // g, g, C).transpose(1, 0, 2, 3)
+    A = chunk_decays(a, T, n, C).reshape(H, n // g, g, C).transpose(1, 0, 2, 3)  # [steps, H, g, C]
 
-    A = chunk_decays(a, T, n, C)  # [H, n, C]
-    last = A[:, :, -1]  # [H, n]
+    def step(carry, x):
+        state, doc_prev = carry  # [B, H, D, E], [B]
+        out, state, doc_last = _chunks(state, doc_prev, *x)
+        return (state, doc_last), out
+
+    (final, _), out = lax.scan(step, (s0.astype(jnp.float32), docs[:, 0]), (qc, kc, vc, dc, A))
+    # out: [steps, B, H, g, C, E]
+    out = out.transpose(1, 0, 3, 4, 2, 5).reshape(B, n * C, H, E)[:, :T]
+    return out, final
+
+
+def _chunks(state, doc_prev, qc, kc, vc, dc, A):
+    """``g`` consecutive chunks at once: ``qc, kc`` ``[B, H, g, C, D]``, ``vc`` ``[B, H, g, C, E]``,
+    ``dc`` ``[B, g, C]`` document ids, ``A`` ``[H, g, C]``; ``state`` enters the first chunk."""
+    C = qc.shape[3]
+    prev = jnp.concatenate([doc_prev[:, None], dc[:, :-1, -1]], axis=1)  # doc before each chunk, [B, g]
+    last = A[:, :, -1]  # [H, g]
     j = jnp.arange(C)
-    allowed = (j[:, None] >= j[None, :]) & (dc[:, :, :, None] == dc[:, :, None, :])  # [B, n, C, C]
+    allowed = (j[:, None] >= j[None, :]) & (dc[:, :, :, None] == dc[:, :, None, :])  # [B, g, C, C]
     # exp(-inf) for masked entries (not a where around exp): zero values and zero gradients.
-    M = jnp.exp(jnp.where(allowed[:, None], A[..., :, None] - A[..., None, :], -jnp.inf))  # [B,H,n,C,C]
+    M = jnp.exp(jnp.where(allowed[:, None], A[..., :, None] - A[..., None, :], -jnp.inf))  # [B,H,g,C,C]
     s = jnp.einsum("bhncd,bhnld->bhncl", qc, kc, precision=HI) * M
     out = jnp.einsum("bhncl,bhnle->bhnce", s, vc, precision=HI)
 
     # Each chunk's contribution to the state after it: its last document's keys, decayed to the end.
-    w = jnp.exp(jnp.where((dc == dc[:, :, -1:])[:, None], last[..., None] - A, -jnp.inf))  # [B,H,n,C]
+    w = jnp.exp(jnp.where((dc == dc[:, :, -1:])[:, None], last[..., None] - A, -jnp.inf))  # [B,H,g,C]
     U = jnp.einsum("bhncd,bhnce->nbhde", kc * w[..., None], vc, precision=HI)
-    keep = jnp.where((dc[:, :, -1] == prev)[:, None], jnp.exp(last)[None], 0.0)  # [B, H, n]
+    keep = jnp.where((dc[:, :, -1] == prev)[:, None], jnp.exp(last)[None], 0.0)  # [B, H, g]
 
     def step(state, x):
         keep_i, U_i = x
         return keep_i[..., None, None] * state + U_i, state
 
-    final, before = lax.scan(step, s0.astype(jnp.float32), (jnp.moveaxis(keep, 2, 0), U))
-    # before: [n, B, H, D, E], the state entering each chunk.
-    qw = jnp.exp(jnp.where((dc == prev[..., None])[:, None], A[None], -jnp.inf))  # [B, H, n, C]
+    state, before = lax.scan(step, state, (jnp.moveaxis(keep, 2, 0), U))
+    # before: [g, B, H, D, E], the state entering each chunk.
+    qw = jnp.exp(jnp.where((dc == prev[..., None])[:, None], A[None], -jnp.inf))  # [B, H, g, C]
     out = out + jnp.einsum("bhncd,nbhde->bhnce", qc * qw[..., None], before, precision=HI)
-    out = out.transpose(0, 2, 3, 1, 4).reshape(B, n * C, H, E)[:, :T]
-    return out, final
+    return out, state, dc[:, -1, -1]
