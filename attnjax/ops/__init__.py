@@ -11,6 +11,7 @@ from attnjax.ops.lightning import (
     lightning_layer_slopes,
     lightning_slopes,
 )
+from attnjax.ops.linear import linear_attention
 from attnjax.ops.xla import BlockSizes
 
 __all__ = [
@@ -21,4 +22,5 @@ __all__ = [
     "lightning_decode_step",
     "lightning_layer_slopes",
     "lightning_slopes",
+    "linear_attention",
 ]
