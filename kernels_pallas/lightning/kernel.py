@@ -17,11 +17,15 @@ its memory is that of its inputs and outputs. ``d log_decay`` comes from the ide
 cumulative log-gates (as in Gated Linear Attention): ``dA_t = q_t . dq_t - k_t . dk_t``
 (plus ``<dS_T, S_T>`` at the last token), with ``A_t = (t + 1) log lambda``.
 
-Kernels see ``[B, H, T, D]`` (transposed by the wrapper, so each program reads contiguous
-rows), ``T`` padded to a multiple of ``C`` with zero keys and zero decay (padded steps leave
-the state untouched). On GPU, ``D`` and ``E`` are zero-padded to powers of two (Triton block
-shapes), which changes nothing numerically; there is no upper limit on ``D``/``E`` other
-than the state fitting on chip.
+Kernels read the public ``[B, T, H, D]`` layout in place (a program's block is one head's
+``[T, D]`` slab, strided rows; no transposes in HBM), ``T`` padded to a multiple of ``C`` with
+zero keys and zero decay (padded steps leave the state untouched). On GPU, ``D`` and ``E`` are
+zero-padded to powers of two (Triton block shapes), which changes nothing numerically; there
+is no upper limit on ``D``/``E`` other than the state fitting on chip.
+
+Precision: chunk-local products (``Q K^T``, ``P V`` and their backward twins) take operands in
+the input dtype (bf16 on tensor cores) with float32 accumulation; every product with the state
+and the state itself are float32; the scale is applied to float32 results.
 """
 
 from __future__ import annotations
@@ -51,10 +55,15 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _dot(x, y, contract=(1, 0)):
-    """``x @ y`` contracting ``x``'s axis ``contract[0]`` with ``y``'s ``contract[1]``, float32."""
+def _dot(x, y, contract=(1, 0), dtype=F32):
+    """``x @ y`` contracting ``x``'s axis ``contract[0]`` with ``y``'s ``contract[1]``, float32 result.
+
+    Operands are cast to ``dtype``: the input dtype for the chunk-local products (bf16 inputs use
+    the tensor cores, float32 accumulation), float32 for products with the state.
+    """
     dims = (((contract[0],), (contract[1],)), ((), ()))
-    return lax.dot_general(x, y, dims, preferred_element_type=F32, precision=lax.Precision.HIGHEST)
+    prec = lax.Precision.HIGHEST if dtype == F32 else lax.Precision.DEFAULT
+    return lax.dot_general(x.astype(dtype), y.astype(dtype), dims, preferred_element_type=F32, precision=prec)
 
 
 class _Chunk:
@@ -76,24 +85,24 @@ class _Chunk:
         self.M = jnp.exp(jnp.where(ok, self.A[:, None] - self.A[None, :], -jnp.inf))  # [C, C]
 
     def rows(self, ref, C):
-        return ref[pl.ds(self.start, C), :].astype(F32)
+        return ref[pl.ds(self.start, C), :]  # [C, width], input dtype
 
 
 def _fwd_kernel(a_ref, d_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, sT_ref, *, static: _Static):
     C, n = static.block, q_ref.shape[0] // static.block
-    a = a_ref[0, 0]
+    a, lo = a_ref[0, 0], q_ref.dtype
 
     def body(i, carry):
         S, doc_prev = carry  # [D, E] float32, [1]
         c = _Chunk(static, a, d_ref, i)
-        q = c.rows(q_ref, C) * static.scale  # [C, D]
-        k, v = c.rows(k_ref, C), c.rows(v_ref, C)  # [C, D], [C, E]
+        q, k, v = c.rows(q_ref, C), c.rows(k_ref, C), c.rows(v_ref, C)  # [C, D], [C, D], [C, E]
         qw = jnp.exp(jnp.where(c.doc == doc_prev, c.A, -jnp.inf))  # [C]: state reaches these rows
-        o = _dot(_dot(q, k, (1, 1)) * c.M, v) + _dot(q * qw[:, None], S)  # [C, E]
-        o_ref[pl.ds(c.start, C), :] = o.astype(o_ref.dtype)
+        p = _dot(q, k, (1, 1), lo) * c.M  # [C, C]
+        o = _dot(p, v, dtype=lo) + _dot(q.astype(F32) * qw[:, None], S)  # [C, E]
+        o_ref[pl.ds(c.start, C), :] = (static.scale * o).astype(o_ref.dtype)
         w = jnp.exp(jnp.where(c.doc == c.doc_last, c.A_last - c.A, -jnp.inf))  # [C]
         keep = jnp.where(c.doc_last == doc_prev, jnp.exp(c.A_last), 0.0)  # [1]
-        return keep[:, None] * S + _dot(k * w[:, None], v, (0, 0)), c.doc_last
+        return keep[:, None] * S + _dot(k.astype(F32) * w[:, None], v, (0, 0), lo), c.doc_last
 
     S, _ = lax.fori_loop(0, n, body, (s0_ref[...].astype(F32), d_ref[0, pl.ds(0, 1)]))
     sT_ref[...] = S
@@ -101,48 +110,49 @@ def _fwd_kernel(a_ref, d_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, sT_ref, *, sta
 
 def _bwd_kernel(a_ref, d_ref, q_ref, k_ref, v_ref, s0_ref, do_ref, dsT_ref,
                 dq_ref, dk_ref, dv_ref, ds0_ref, *, static: _Static):
+    # The scale is folded into dO: o = scale * (...) means every gradient sees scale * dO.
     C, n = static.block, q_ref.shape[0] // static.block
-    a = a_ref[0, 0]
+    a, lo = a_ref[0, 0], q_ref.dtype
+    d_out = lambda c: static.scale * c.rows(do_ref, C).astype(F32)  # [C, E]
 
     def forward_sweep(i, carry):  # dQ, recomputing the states
         S, doc_prev = carry
         c = _Chunk(static, a, d_ref, i)
-        k, v, do = c.rows(k_ref, C), c.rows(v_ref, C), c.rows(do_ref, C)
+        k, v, do = c.rows(k_ref, C), c.rows(v_ref, C), d_out(c)
         qw = jnp.exp(jnp.where(c.doc == doc_prev, c.A, -jnp.inf))
-        dq = _dot(_dot(do, v, (1, 1)) * c.M, k) + _dot(do * qw[:, None], S, (1, 1))  # [C, D]
-        dq_ref[pl.ds(c.start, C), :] = (static.scale * dq).astype(dq_ref.dtype)
+        dq = _dot(_dot(do, v, (1, 1), lo) * c.M, k, dtype=lo) + _dot(do * qw[:, None], S, (1, 1))  # [C, D]
+        dq_ref[pl.ds(c.start, C), :] = dq.astype(dq_ref.dtype)
         w = jnp.exp(jnp.where(c.doc == c.doc_last, c.A_last - c.A, -jnp.inf))
         keep = jnp.where(c.doc_last == doc_prev, jnp.exp(c.A_last), 0.0)
-        return keep[:, None] * S + _dot(k * w[:, None], v, (0, 0)), c.doc_last
+        return keep[:, None] * S + _dot(k.astype(F32) * w[:, None], v, (0, 0), lo), c.doc_last
 
     lax.fori_loop(0, n, forward_sweep, (s0_ref[...].astype(F32), d_ref[0, pl.ds(0, 1)]))
 
     def reverse_sweep(r, carry):  # dK, dV and the state cotangent G, last chunk first
         G, doc_next = carry  # [D, E]: d loss / d state, decayed into the previous chunk; [1]
         c = _Chunk(static, a, d_ref, n - 1 - r)
-        q = c.rows(q_ref, C) * static.scale
-        k, v, do = c.rows(k_ref, C), c.rows(v_ref, C), c.rows(do_ref, C)
+        q, k, v, do = c.rows(q_ref, C), c.rows(k_ref, C), c.rows(v_ref, C), d_out(c)
         w = jnp.exp(jnp.where(c.doc == doc_next, c.A_last - c.A, -jnp.inf))  # [C]: G reaches these keys
-        p = _dot(q, k, (1, 1)) * c.M  # [C, C]
-        dp = _dot(do, v, (1, 1)) * c.M  # [C, C]
-        dv = _dot(p, do, (0, 0)) + _dot(k * w[:, None], G)  # [C, E]
-        dk = _dot(dp, q, (0, 0)) + _dot(v * w[:, None], G, (1, 1))  # [C, D]
+        p = _dot(q, k, (1, 1), lo) * c.M  # [C, C]
+        dp = _dot(do, v, (1, 1), lo) * c.M  # [C, C]
+        dv = _dot(p, do, (0, 0), lo) + _dot(k.astype(F32) * w[:, None], G)  # [C, E]
+        dk = _dot(dp, q, (0, 0), lo) + _dot(v.astype(F32) * w[:, None], G, (1, 1))  # [C, D]
         dv_ref[pl.ds(c.start, C), :] = dv.astype(dv_ref.dtype)
         dk_ref[pl.ds(c.start, C), :] = dk.astype(dk_ref.dtype)
         qw = jnp.exp(jnp.where(c.doc == c.doc_first, c.A, -jnp.inf))  # [C]
         keep = jnp.where(c.doc_first == doc_next, jnp.exp(c.A_last), 0.0)  # [1]
-        return keep[:, None] * G + _dot(q * qw[:, None], do, (0, 0)), c.doc_first
+        return keep[:, None] * G + _dot(q.astype(F32) * qw[:, None], do, (0, 0)), c.doc_first
 
     init = (dsT_ref[...].astype(F32), d_ref[0, pl.ds(n * C - 1, 1)])
     G, _ = lax.fori_loop(0, n, reverse_sweep, init)
     ds0_ref[...] = G
 
 
-# -- pallas_call wrappers (arrays [B, H, Tp, *]) ------------------------------------------------
+# -- pallas_call wrappers (arrays [B, Tp, H, *]) ------------------------------------------------
 
 
 def _seq_spec(Tp, width):
-    return pl.BlockSpec((None, None, Tp, width), lambda b, h: (b, h, 0, 0))
+    return pl.BlockSpec((None, Tp, None, width), lambda b, h: (b, 0, h, 0))
 
 
 def _state_spec(D, E):
@@ -160,9 +170,9 @@ def _cost(B, H, Tp, C, D, E, passes):
 
 
 def _forward_call(static, q, k, v, a, docs, s0):
-    B, H, Tp, D = q.shape
+    B, Tp, H, D = q.shape
     E = v.shape[-1]
-    out_shape = (jax.ShapeDtypeStruct((B, H, Tp, E), F32), jax.ShapeDtypeStruct((B, H, D, E), F32))
+    out_shape = (jax.ShapeDtypeStruct((B, Tp, H, E), F32), jax.ShapeDtypeStruct((B, H, D, E), F32))
     return pl.pallas_call(
         functools.partial(_fwd_kernel, static=static),
         grid=(B, H),
@@ -176,9 +186,9 @@ def _forward_call(static, q, k, v, a, docs, s0):
 
 
 def _backward_call(static, q, k, v, a, docs, s0, do, dsT):
-    B, H, Tp, D = q.shape
+    B, Tp, H, D = q.shape
     E = v.shape[-1]
-    out_shape = tuple(jax.ShapeDtypeStruct(s, F32) for s in ((B, H, Tp, D), (B, H, Tp, D), (B, H, Tp, E), (B, H, D, E)))
+    out_shape = tuple(jax.ShapeDtypeStruct(s, F32) for s in ((B, Tp, H, D), (B, Tp, H, D), (B, Tp, H, E), (B, H, D, E)))
     return pl.pallas_call(
         functools.partial(_bwd_kernel, static=static),
         grid=(B, H),
@@ -207,9 +217,9 @@ def _lightning_bwd(static, res, cotangents):
     do, dsT = cotangents
     dq, dk, dv, ds0 = _backward_call(static, q, k, v, a, docs, s0, do.astype(F32), dsT.astype(F32))
     # d log_decay: sum_t (t + 1) (q_t . dq_t - k_t . dk_t) + T <dS_T, S_T>, per head.
-    pos = jnp.arange(1, q.shape[2] + 1, dtype=F32)
-    dA = (q.astype(F32) * dq).sum(-1) - (k.astype(F32) * dk).sum(-1)  # [B, H, Tp]; 0 on padding
-    da = (dA * pos).sum((0, 2)) + static.length * (dsT.astype(F32) * final).sum((0, 2, 3))
+    pos = jnp.arange(1, q.shape[1] + 1, dtype=F32)[:, None]
+    dA = (q.astype(F32) * dq).sum(-1) - (k.astype(F32) * dk).sum(-1)  # [B, Tp, H]; 0 on padding
+    da = (dA * pos).sum((0, 1)) + static.length * (dsT.astype(F32) * final).sum((0, 2, 3))
     cast = lambda g, x: g.astype(x.dtype)
     return cast(dq, q), cast(dk, k), cast(dv, v), da.reshape(a.shape), None, ds0
 
@@ -238,11 +248,13 @@ def lightning(q, k, v, a, docs, s0, scale: float, block_size: int | None = None)
     Tp = _round_up(T, C)
     pd, pe = _head_dim_padding(D), _head_dim_padding(E)
 
-    def seq(x, pad_last):  # [B, T, H, *] -> [B, H, Tp, *]
-        return jnp.pad(x, ((0, 0), (0, Tp - T), (0, 0), (0, pad_last))).transpose(0, 2, 1, 3)
+    def seq(x, pad_last):  # [B, T, H, *] -> [B, Tp, H, *]
+        if Tp == T and pad_last == 0:
+            return x
+        return jnp.pad(x, ((0, 0), (0, Tp - T), (0, 0), (0, pad_last)))
 
     docs = jnp.pad(docs, ((0, 0), (0, Tp - T)), mode="edge")[:, None, :]  # pads join the last document
     s0 = jnp.pad(s0, ((0, 0), (0, 0), (0, pd), (0, pe)))
     static = _Static(length=T, block=C, scale=float(scale))
     out, final = _lightning(static, seq(q, pd), seq(k, pd), seq(v, pe), a.reshape(H, 1), docs, s0)
-    return out[:, :, :T, :E].transpose(0, 2, 1, 3), final[:, :, :D, :E]
+    return out[:, :T, :, :E], final[:, :, :D, :E]
