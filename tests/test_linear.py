@@ -114,8 +114,8 @@ def test_random_features_approximate_softmax():
     w = features.random_projection(jax.random.key(3), D, 2048)
     prf = functools.partial(features.positive_random_features, projection=w)
     s = D**-0.25  # phi(q s) . phi(k s) ~ exp(q.k / sqrt(D))
-    out = ops.linear_attention(q * s, k * s, v, feature_map=prf)
-    ref = ops.attention(q, k, v, implementation="reference")
+    out = jax.jit(lambda q, k, v: ops.linear_attention(q * s, k * s, v, feature_map=prf))(q, k, v)
+    ref = jax.jit(lambda q, k, v: ops.attention(q, k, v, implementation="reference"))(q, k, v)
     assert harness.rel_rmse(out, ref) < 0.05
 
 

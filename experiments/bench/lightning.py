@@ -71,9 +71,8 @@ def _fla_fn(log_decay):
             g = g_per_head[None, None, :].expand(tq.shape[0], tq.shape[1], -1).contiguous()
             cache["qkv"] = (tq, tk, tv, g)
         tq, tk, tv, g = cache["qkv"]
-        out, _ = chunk_simple_gla(tq, tk, tv, g=g, scale=D**-0.5)
-        torch.cuda.synchronize()
-        return out
+        chunk_simple_gla(tq, tk, tv, g=g, scale=D**-0.5)
+        torch.cuda.synchronize()  # the timing loop's block_until_ready sees no JAX arrays
 
     return run
 
