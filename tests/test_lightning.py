@@ -239,3 +239,14 @@ def test_bad_inputs(name):
     error, match, fn = _bad(name)
     with pytest.raises(error, match=match):
         fn()
+
+
+def test_decode_step_reset_and_gqa():
+    q, k, v, s0 = _inputs(2, 1, 4, 2, 8, 6)
+    a = jnp.array([0.0, -0.1, -1.0, -5.0])
+    o, s = ops.lightning_decode_step(q, k, v, s0, log_decay=a, reset=jnp.array([True, False]))
+    fresh, s_fresh = ops.lightning_attention(q[:1], k[:1], v[:1], log_decay=a, return_final_state=True)
+    carried, s_carried = ops.lightning_attention(q[1:], k[1:], v[1:], log_decay=a, initial_state=s0[1:],
+                                                 return_final_state=True)
+    np.testing.assert_allclose(o, jnp.concatenate([fresh, carried]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s, jnp.concatenate([s_fresh, s_carried]), rtol=1e-5, atol=1e-6)
