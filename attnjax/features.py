@@ -53,7 +53,9 @@ def softmax_sequence(x: Float[Array, "B T H D"]) -> Float[Array, "B T H D"]:
     return jax.nn.softmax(x.astype(jnp.float32), axis=1).astype(x.dtype)
 
 
-def random_projection(key: Array, head_dim: int, num_features: int, *, orthogonal: bool = True) -> Float[Array, "D F"]:
+def random_projection(
+    key: Array, head_dim: int, num_features: int, *, orthogonal: bool = True
+) -> Float[Array, "D F"]:
     r"""Gaussian projection ``W`` ``[D, F]`` for :func:`positive_random_features`; with
     ``orthogonal``, blocks of ``D`` columns are orthogonal with chi-distributed norms
     (Performer's orthogonal random features, lower variance)."""

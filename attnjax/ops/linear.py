@@ -109,7 +109,8 @@ def linear_attention(
     def lightning(name):
         # Causal sums are lightning attention without decay; a column of ones gives d_i too.
         ones = jnp.ones(v32.shape[:-1] + (1,), jnp.float32)
-        nd = lightning_attention(phi_q, phi_k, jnp.concatenate([v32, ones], -1), scale=1.0, implementation=name)
+        v_ones = jnp.concatenate([v32, ones], -1)
+        nd = lightning_attention(phi_q, phi_k, v_ones, scale=1.0, implementation=name)
         return _finish(norm, nd[..., :-1], nd[..., -1], jnp.cumsum(v32, axis=1),
                        jnp.arange(1, T + 1, dtype=jnp.float32)[None, :, None, None])
 

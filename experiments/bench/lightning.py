@@ -7,8 +7,9 @@
 CPU: B=1, H=8, D=E=64, float32, forward pass; lightning ``implementation="xla"`` with the
 TransNormerLLM slopes next to ``attnjax.ops.attention(..., mask=causal(), implementation="xla")``.
 Causal softmax is quadratic: above ``SOFTMAX_MAX_T`` it is not run (its time per token only
-grows; at 32K one call already takes minutes on 2 cores). Each (implementation, length) runs in a fresh process. Targets (issue 4): time per token
-at 64K within 1.3x of 4K; lightning faster than softmax from 4K up.
+grows; at 32K one call already takes minutes on 2 cores). Each (implementation, length) runs
+in a fresh process. Targets (issue 4): time per token at 64K within 1.3x of 4K; lightning
+faster than softmax from 4K up.
 
 GPU: bf16, our Pallas kernel vs flash-linear-attention's ``fla.ops.simple_gla.chunk_simple_gla``
 (the chunk kernel with a per-head scalar decay; skipped if ``fla`` is not importable) vs cuDNN
@@ -44,11 +45,13 @@ def _fn(impl: str):
     log_decay = -ops.lightning_slopes(H)
     if impl.startswith("lightning-"):
         which = impl.split("-", 1)[1]
-        return jax.jit(lambda q, k, v: ops.lightning_attention(q, k, v, log_decay=log_decay, implementation=which))
+        return jax.jit(lambda q, k, v: ops.lightning_attention(q, k, v, log_decay=log_decay,
+                                                               implementation=which))
     if impl == "softmax-xla":
         return jax.jit(lambda q, k, v: ops.attention(q, k, v, mask=masks.causal(), implementation="xla"))
     if impl == "softmax-cudnn":
-        return jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"))
+        return jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                                    implementation="cudnn"))
     if impl == "fla-chunk":
         return _fla_fn(log_decay)
     raise ValueError(f"unknown implementation {impl!r}")
@@ -83,7 +86,8 @@ def worker(impl: str, length: str, dtype: str = "float32") -> None:
     base = common.peak_rss_bytes()
     # Linear-time paths are cheap: more repeats (median) against noise on a shared machine.
     quadratic = impl.startswith("softmax")
-    seconds = common.time_fn(_fn(impl), q, k, v, repeats=3 if quadratic else 7, min_time=0 if quadratic else 3.0)
+    seconds = common.time_fn(_fn(impl), q, k, v, repeats=3 if quadratic else 7,
+                             min_time=0 if quadratic else 3.0)
     print(json.dumps({"seconds": seconds, "us_per_token": 1e6 * seconds / (B * T),
                       "tokens_per_s": B * T / seconds, "peak_extra_bytes": common.peak_rss_bytes() - base}))
 
@@ -154,7 +158,8 @@ def gpu(args) -> None:
     rows = _run(lengths, impls, "bfloat16", lambda impl, T: False)
     payload = {"config": {"B": B, "H": H, "D": D, "E": D, "dtype": "bfloat16", "pass": "forward",
                           "log_decay": "-lightning_slopes(8)"},
-               "rows": rows, "summary": _summary(rows, "lightning-pallas", ("fla-chunk", "softmax-cudnn", "lightning-xla"), 4096)}
+               "rows": rows,
+               "summary": _summary(rows, "lightning-pallas", ("fla-chunk", "softmax-cudnn", "lightning-xla"), 4096)}
     _finish("lightning", args, payload)
 
 

@@ -176,7 +176,8 @@ def _forward_call(static, q, k, v, a, docs, s0):
     return pl.pallas_call(
         functools.partial(_fwd_kernel, static=static),
         grid=(B, H),
-        in_specs=[*_common_specs(Tp), _seq_spec(Tp, D), _seq_spec(Tp, D), _seq_spec(Tp, E), _state_spec(D, E)],
+        in_specs=[*_common_specs(Tp), _seq_spec(Tp, D), _seq_spec(Tp, D), _seq_spec(Tp, E),
+                  _state_spec(D, E)],
         out_specs=(_seq_spec(Tp, E), _state_spec(D, E)),
         out_shape=out_shape,
         cost_estimate=_cost(B, H, Tp, static.block, D, E, 1),
@@ -188,7 +189,8 @@ def _forward_call(static, q, k, v, a, docs, s0):
 def _backward_call(static, q, k, v, a, docs, s0, do, dsT):
     B, Tp, H, D = q.shape
     E = v.shape[-1]
-    out_shape = tuple(jax.ShapeDtypeStruct(s, F32) for s in ((B, Tp, H, D), (B, Tp, H, D), (B, Tp, H, E), (B, H, D, E)))
+    shapes = ((B, Tp, H, D), (B, Tp, H, D), (B, Tp, H, E), (B, H, D, E))  # dq, dk, dv, ds0
+    out_shape = tuple(jax.ShapeDtypeStruct(s, F32) for s in shapes)
     return pl.pallas_call(
         functools.partial(_bwd_kernel, static=static),
         grid=(B, H),

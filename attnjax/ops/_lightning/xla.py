@@ -12,8 +12,9 @@ Chunks are processed ``CHUNKS_PER_STEP`` at a time in a ``lax.scan`` whose carry
 within a step, every chunk's intra part and state contribution ``U_i`` are computed at once
 (batched matmuls, parallel over chunks) and only the cheap recurrence
 ``S_i = \lambda^C S_{i-1} + U_i`` is sequential. A step's working set is fixed (about a thousand
-tokens), so it stays in cache and time per token does not grow with ``T``. Decay exponents are always ``<= 0`` (no
-``\lambda^{-j}`` factoring), so strong decays underflow to 0 instead of overflowing.
+tokens), so it stays in cache and time per token does not grow with ``T``. Decay exponents are
+always ``<= 0`` (no ``\lambda^{-j}`` factoring), so strong decays underflow to 0 instead of
+overflowing.
 
 Backward: plain autodiff. Everything the forward keeps is ``O(T)``: the per-chunk masks
 ``[T/C, C, C]`` (``T C`` floats) and the chunk states ``[T/C, D, E]`` (``T D E / C`` floats),
