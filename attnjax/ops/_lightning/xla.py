@@ -55,23 +55,26 @@ def forward(q, k, v, a, docs, s0, scale, block_size=None):
     C = min(block_size or DEFAULT_BLOCK, round_up(T, 8))
     g = min(CHUNKS_PER_STEP, -(-T // C))  # chunks per sequential step
     n = round_up(-(-T // C), g)
-    pad = n * C - T
-    f32 = lambda x: jnp.pad(x.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
-    # [steps, B, H, g, C, *]: the sequential axis first, for lax.scan.
-    chunks = lambda x: x.reshape(B, n // g, g, C, H, x.shape[-1]).transpose(1, 0, 4, 2, 3, 5)
-    qc, kc, vc = chunks(scale * f32(q)), chunks(f32(k)), chunks(f32(v))
+    pad, L = n * C - T, g * C
+    # Whole-array passes (pads, casts, transposes) cost memory bandwidth once T outgrows the
+    # cache, so the big arrays only get a free reshape to [steps, B, L, H, *] (moving the size-1
+    # batch axis of B=1 is free too); casting, scaling and the [B, H, g, C, *] transpose happen
+    # per step, on a cache-sized block.
+    steps = lambda x: jnp.moveaxis(
+        (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else x).reshape(B, n // g, L, H, x.shape[-1]), 1, 0)
     dc = jnp.pad(docs, ((0, 0), (0, pad)), mode="edge").reshape(B, n // g, g, C).transpose(1, 0, 2, 3)
     A = chunk_decays(a, T, n, C).reshape(H, n // g, g, C).transpose(1, 0, 2, 3)  # [steps, H, g, C]
+    chunks = lambda x: x.astype(jnp.float32).reshape(B, g, C, H, x.shape[-1]).transpose(0, 3, 1, 2, 4)
 
     def step(carry, x):
         state, doc_prev = carry  # [B, H, D, E], [B]
-        out, state, doc_last = _chunks(state, doc_prev, *x)
-        return (state, doc_last), out
+        q_s, k_s, v_s, dc_s, A_s = x  # [B, L, H, *]
+        out, state, doc_last = _chunks(state, doc_prev, scale * chunks(q_s), chunks(k_s), chunks(v_s), dc_s, A_s)
+        return (state, doc_last), out.transpose(0, 2, 3, 1, 4).reshape(B, L, H, E)
 
-    (final, _), out = lax.scan(step, (s0.astype(jnp.float32), docs[:, 0]), (qc, kc, vc, dc, A))
-    # out: [steps, B, H, g, C, E]
-    out = out.transpose(1, 0, 3, 4, 2, 5).reshape(B, n * C, H, E)[:, :T]
-    return out, final
+    (final, _), out = lax.scan(step, (s0.astype(jnp.float32), docs[:, 0]), (steps(q), steps(k), steps(v), dc, A))
+    out = jnp.moveaxis(out, 0, 1).reshape(B, n * C, H, E)  # [steps, B, L, H, E] -> [B, Tp, H, E]
+    return (out[:, :T] if pad else out), final
 
 
 def _chunks(state, doc_prev, qc, kc, vc, dc, A):
