@@ -8,15 +8,17 @@ applies ALiBi first, then the soft cap.
 Positions are aligned bottom-right as in :mod:`attnjax.masks`: query ``i`` of ``T`` sits at
 absolute position ``i + S - T``, so relative distances are ``kv_idx - (q_idx + S - T)``.
 
-Example:
+Example: the last of three queries against three keys, ALiBi slope 0.5 (``-0.5 * [2, 1, 0]``)
+then a soft cap of 2 (``2 * tanh(x / 2)``):
 
 >>> import jax.numpy as jnp
 >>> from attnjax import score_mods
 >>> mod = score_mods.compose(score_mods.alibi(jnp.array([0.5])), score_mods.softcap(2.0))
->>> s = jnp.zeros((1, 1, 1, 3))
->>> idx = (jnp.zeros((1,1,1,1), int), jnp.zeros((1,1,1,1), int), jnp.full((1,1,1,1), 2), jnp.arange(3)[None,None,None])
->>> mod(1, 3, s, *idx).round(3)
-Array([[[[-0.762, -0.462,  0.   ]]]], dtype=float32)
+>>> s = jnp.zeros((1, 1, 1, 3))                              # [B, H, 1 query, 3 keys]
+>>> b = h = jnp.zeros((1, 1, 1, 1), int)
+>>> q, kv = jnp.full((1, 1, 1, 1), 2), jnp.arange(3)[None, None, None]
+>>> mod(3, 3, s, b, h, q, kv).round(3)                      # q_len = kv_len = 3
+Array([[[[-0.924, -0.49 ,  0.   ]]]], dtype=float32)
 """
 
 from __future__ import annotations
