@@ -110,18 +110,16 @@ def test_mha_jit_equals_eager():
          ValueError, "pass it on each call"),
         (lambda: nn.MultiHeadAttention(4, 16, rngs=nnx.Rngs(0))(jnp.ones((1, 3, 8))), ValueError, "in_features=16"),
         (lambda: nn.MultiHeadAttention(4, 16, rngs=nnx.Rngs(0))(jnp.ones((1, 3, 16)), decode=True), ValueError, "init_cache"),
-        (lambda: nn.MultiHeadAttention(4, 16, rngs=nnx.Rngs(0), attention_fn=_lightning_attention).init_cache(1, 4),
-         NotImplementedError, "recurrent state"),
+        (lambda: nn.MultiHeadAttention(4, 16, rngs=nnx.Rngs(0), attention_fn=ops.lightning_attention)(
+            jnp.ones((1, 3, 16)), decode=True), ValueError, r"call init_cache\(batch_size\)"),
+        (lambda: nn.MultiHeadAttention(4, 16, rngs=nnx.Rngs(0)).init_cache(1), ValueError, "needs max_length"),
     ],
-    ids=["kv_heads", "qkv_features", "mask_type", "array_mask", "in_features", "no_cache", "lightning"],
+    ids=["kv_heads", "qkv_features", "mask_type", "array_mask", "in_features", "no_cache", "no_state",
+         "no_max_length"],
 )
 def test_mha_errors(make, err, match):
     with pytest.raises(err, match=match):
         make()
-
-
-def _lightning_attention(q, k, v, **kw):  # stands in for attnjax.ops.lightning_attention
-    raise AssertionError("never called")
 
 
 # -- decoding ---------------------------------------------------------------------------------------
@@ -152,6 +150,20 @@ def test_decode_equals_full_forward(name, cfg, T, prefill, max_length):
     full = _call(m, x)
     harness.assert_close(_decode(m, x, prefill, max_length), full, 1e-5, name)
     assert int(m.cache_length[...]) == min(T, max_length)
+
+
+@pytest.mark.parametrize("prefill", [1, 5])
+def test_lightning_decode_with_recurrent_state(prefill):
+    """A recurrent attention_fn decodes with a fixed [B, H, D, D] state, equal to the full forward."""
+    lightning = functools.partial(ops.lightning_attention, log_decay=-0.1)
+    m = nn.MultiHeadAttention(H, C, num_kv_heads=2, attention_fn=lightning, rngs=nnx.Rngs(0))
+    x = _x(T=9)
+    full = _call(m, x)
+    harness.assert_close(_decode(m, x, prefill, None), full, 2e-5, "lightning decode")
+    assert m.recurrent_state[...].shape == (x.shape[0], H, m.head_dim, m.head_dim)
+    assert m.cached_key is None  # no KV cache grows
+    with pytest.raises(ValueError, match="takes no mask"):
+        m(x[:, :1], mask=masks.causal(), decode=True)
 
 
 def test_decode_in_transformer_block():

@@ -6,6 +6,8 @@ D head dim, C model features.
 
 from __future__ import annotations
 
+import inspect
+
 from collections.abc import Callable
 
 import jax
@@ -82,6 +84,11 @@ class MultiHeadAttention(nnx.Module):
     ``functools.partial(ops.sigmoid_attention, sigmoid_bias=-math.log(n))``) so that decode
     and the full forward agree.
 
+    A *recurrent* ``attention_fn`` (one taking ``initial_state`` and ``return_final_state``, such
+    as ``functools.partial(ops.lightning_attention, log_decay=...)``) decodes with its state
+    instead: :meth:`init_cache` allocates a float32 ``[B, H, D, D]`` state that never grows, and
+    each decode call runs the op from it and keeps the final state.
+
     Example:
 
     >>> import jax, jax.numpy as jnp
@@ -142,6 +149,7 @@ class MultiHeadAttention(nnx.Module):
         self.cached_key: nnx.Cache | None = nnx.data(None)
         self.cached_value: nnx.Cache | None = nnx.data(None)
         self.cache_length: nnx.Cache | None = nnx.data(None)
+        self.recurrent_state: nnx.Cache | None = nnx.data(None)
 
     # -- pieces (public so tests and users can recompose the module) ----------------------------
 
@@ -185,34 +193,55 @@ class MultiHeadAttention(nnx.Module):
         if decode:
             if context is not None:
                 raise ValueError("decode=True caches self-attention keys; cross attention needs no cache")
+            if self._recurrent:
+                return self.finish(x, self._advance_state(q, k, v, mask))
             k, v, mask = self._extend_cache(k, v, mask)
         return self.finish(x, self.attend(q, k, v, mask))
 
     # -- decoding --------------------------------------------------------------------------------
     #
-    # Extension point: recurrent-state decode. Softmax and sigmoid attention decode with the KV
-    # cache below. Linear/lightning attention (``attnjax.ops.lightning_attention``, built
-    # separately) decodes with a fixed-size recurrent state ``[B, H, D, E]`` instead: a module for
-    # it should override ``init_cache`` (allocate the state as ``nnx.Cache``) and
-    # ``_extend_cache``'s role (advance the state with the op's recurrent form and return the
-    # step's output). Not implemented here; ``init_cache`` refuses such ops with a clear error.
+    # Softmax and sigmoid attention decode with a KV cache. Recurrent ops (those taking
+    # ``initial_state`` and ``return_final_state``, e.g. ``attnjax.ops.lightning_attention``)
+    # decode with a fixed-size float32 state ``[B, H, D, E]`` instead, advanced by the op itself:
+    # prefill and every step are the same call, so decode equals the full forward by construction
+    # of the op's chunked recurrence.
 
-    def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32) -> None:
-        """Allocates an empty KV cache of ``max_length`` positions (``[B, max_length, K, D]``)."""
-        name = getattr(self.attention_fn, "__name__", "") or getattr(
-            getattr(self.attention_fn, "func", None), "__name__", ""
-        )
-        if "lightning" in name or "linear_attention" in name:
-            raise NotImplementedError(
-                f"decoding with {name} needs a recurrent state, not a KV cache; see the "
-                "'Extension point: recurrent-state decode' note in attnjax/nn/attention.py"
-            )
+    @property
+    def _recurrent(self) -> bool:
+        try:
+            params = inspect.signature(self.attention_fn).parameters
+        except (TypeError, ValueError):
+            return False
+        return "initial_state" in params and "return_final_state" in params
+
+    def init_cache(self, batch_size: int, max_length: int | None = None, dtype=jnp.float32) -> None:
+        """Allocates the decode cache: a KV cache of ``max_length`` positions
+        (``[B, max_length, K, D]``), or for a recurrent ``attention_fn`` its state
+        ``[B, H, D, D]`` (``max_length`` is then unused: the state does not grow)."""
         B = _checks.positive_int("batch_size", batch_size)
+        if self._recurrent:
+            D = self.head_dim
+            self.recurrent_state = nnx.Cache(jnp.zeros((B, self.num_heads, D, D), jnp.float32))
+            return
+        if max_length is None:
+            raise ValueError("init_cache needs max_length for a KV cache")
         S = _checks.positive_int("max_length", max_length)
         shape = (B, S, self.num_kv_heads, self.head_dim)
         self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
         self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
         self.cache_length = nnx.Cache(jnp.zeros((), jnp.int32))
+
+    def _advance_state(self, q, k, v, mask):
+        if self.recurrent_state is None:
+            raise ValueError("decode=True needs a state: call init_cache(batch_size) first")
+        if mask is not None:
+            raise ValueError("a recurrent attention_fn is causal by construction and takes no mask")
+        state = self.recurrent_state[...]
+        if q.shape[0] != state.shape[0]:
+            raise ValueError(f"the state was made for batch_size={state.shape[0]}; got a batch of {q.shape[0]}")
+        out, state = self.attention_fn(q, k, v, initial_state=state, return_final_state=True)
+        self.recurrent_state[...] = state
+        return out
 
     def _extend_cache(self, k, v, mask):
         if self.cached_key is None:
