@@ -75,3 +75,30 @@ def per_head(name: str, x: Any, heads: int | None) -> None:
         return
     if len(shape) != 1 or (heads is not None and shape[0] != heads):
         raise ValueError(f"{name} must be a scalar or have shape [heads={heads}]; got shape {shape}")
+
+
+def check_qkv(q: Any, k: Any, v: Any, *, same_length: bool = False) -> tuple[int, ...]:
+    """Validates ``q [B, T, H, D]``, ``k [B, S, K, D]``, ``v [B, S, K, E]`` (one float dtype,
+    ``K`` dividing ``H``, non-empty; ``S == T`` if ``same_length``). Returns
+    ``(B, T, S, H, K, D, E)``."""
+    B, T, H, D = check_rank("q", q, ("batch", "q_len", "heads", "head_dim"))
+    kshape = check_rank("k", k, ("batch", "kv_len", "kv_heads", "head_dim"))
+    vshape = check_rank("v", v, ("batch", "kv_len", "kv_heads", "v_head_dim"))
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_float(name, x)
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k and v must have one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_dim("k", kshape, 0, B, "batch, as in q")
+    if same_length:
+        check_dim("k", kshape, 1, T, "length, as in q")
+    check_dim("k", kshape, 3, D, "head_dim, as in q")
+    if vshape[:3] != kshape[:3]:
+        raise ValueError(
+            f"v has shape {vshape}; its first three axes must match k's {kshape[:3]} [batch, kv_len, kv_heads]"
+        )
+    S, K = kshape[1], kshape[2]
+    if H % K:
+        raise ValueError(f"k has {K} heads (shape {kshape}), which must divide the {H} query heads of q")
+    if T == 0 or S == 0:
+        raise ValueError(f"q_len and kv_len must be >= 1; got q shape {tuple(q.shape)}, k shape {kshape}")
+    return B, T, S, H, K, D, vshape[3]

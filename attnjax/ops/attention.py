@@ -148,22 +148,7 @@ def _pallas(problem, q, k, v, bias, block_sizes):
 
 def _problem(q, k, v, mask, score_mod, bias, normalizer, sigmoid_bias, scale) -> Problem:
     """Validates the arguments of the generic op and bundles them."""
-    B, T, H, D = _checks.check_rank("q", q, ("batch", "q_len", "heads", "head_dim"))
-    kshape = _checks.check_rank("k", k, ("batch", "kv_len", "kv_heads", "head_dim"))
-    vshape = _checks.check_rank("v", v, ("batch", "kv_len", "kv_heads", "v_head_dim"))
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _checks.check_float(name, x)
-    if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(f"q, k and v must have one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    S, K = kshape[1], kshape[2]
-    _checks.check_dim("k", kshape, 0, B, "batch, as in q")
-    _checks.check_dim("k", kshape, 3, D, "head_dim, as in q")
-    if vshape[:3] != kshape[:3]:
-        raise ValueError(f"v has shape {vshape}; its first three axes must match k's {kshape[:3]} [batch, kv_len, kv_heads]")
-    if H % K:
-        raise ValueError(f"k has {K} heads (shape {kshape}), which must divide the {H} query heads of q")
-    if T == 0 or S == 0:
-        raise ValueError(f"q_len and kv_len must be >= 1; got q shape {q.shape}, k shape {kshape}")
+    B, T, S, H, K, D, E = _checks.check_qkv(q, k, v)
     if mask is not None:
         if not isinstance(mask, Mask):
             raise TypeError(f"mask must be an attnjax.masks mask or None; got {type(mask).__name__}")
@@ -178,6 +163,6 @@ def _problem(q, k, v, mask, score_mod, bias, normalizer, sigmoid_bias, scale) ->
         scale = 1.0 / math.sqrt(D)
     elif not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a Python number (use score_mods.temperature for a learned one); got {scale!r}")
-    dims = Dims(B, T, S, H, K, D, vshape[3])
+    dims = Dims(B, T, S, H, K, D, E)
     return Problem(dims, float(scale), mask, score_mod, as_normalizer(normalizer, sigmoid_bias))
 

@@ -213,22 +213,8 @@ def lightning_decode_step(
 
 
 def _check_qkv(q, k, v):
-    B, T, H, D = _checks.check_rank("q", q, ("batch", "length", "heads", "head_dim"))
-    kshape = _checks.check_rank("k", k, ("batch", "length", "kv_heads", "head_dim"))
-    vshape = _checks.check_rank("v", v, ("batch", "length", "kv_heads", "v_head_dim"))
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _checks.check_float(name, x)
-    if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(f"q, k and v must have one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if kshape[:2] != (B, T) or kshape[3] != D:
-        raise ValueError(f"k has shape {kshape}; expected [batch={B}, length={T}, kv_heads, head_dim={D}] as q {tuple(q.shape)}")
-    if vshape[:3] != kshape[:3]:
-        raise ValueError(f"v has shape {vshape}; its first three axes must match k's {kshape[:3]} [batch, length, kv_heads]")
-    if H % kshape[2]:
-        raise ValueError(f"k has {kshape[2]} heads (shape {kshape}), which must divide the {H} query heads of q")
-    if T == 0:
-        raise ValueError(f"length must be >= 1; got q shape {tuple(q.shape)}")
-    return B, T, H, D, vshape[3]
+    B, T, _, H, _, D, E = _checks.check_qkv(q, k, v, same_length=True)
+    return B, T, H, D, E
 
 
 def _log_decay(log_decay, heads: int):

@@ -79,28 +79,16 @@ def linear_attention(
     >>> out.shape, bool(jnp.allclose(out, ref, atol=1e-4))
     ((2, 40, 4, 8), True)
     """
-    B, T, H, D = _checks.check_rank("q", q, ("batch", "q_len", "heads", "head_dim"))
-    kshape = _checks.check_rank("k", k, ("batch", "kv_len", "kv_heads", "head_dim"))
-    vshape = _checks.check_rank("v", v, ("batch", "kv_len", "kv_heads", "v_head_dim"))
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _checks.check_float(name, x)
-    if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(f"q, k and v must have one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if kshape[0] != B or kshape[3] != D:
-        raise ValueError(f"k has shape {kshape}; expected [batch={B}, kv_len, kv_heads, head_dim={D}] as q {tuple(q.shape)}")
-    if vshape[:3] != kshape[:3]:
-        raise ValueError(f"v has shape {vshape}; its first three axes must match k's {kshape[:3]} [batch, kv_len, kv_heads]")
-    if H % kshape[2]:
-        raise ValueError(f"k has {kshape[2]} heads (shape {kshape}), which must divide the {H} query heads of q")
-    if is_causal and kshape[1] != T:
-        raise ValueError(f"is_causal needs kv_len == q_len; got q shape {tuple(q.shape)}, k shape {kshape}")
+    B, T, S, H, K, D, E = _checks.check_qkv(q, k, v)
+    if is_causal and S != T:
+        raise ValueError(f"is_causal needs kv_len == q_len; got q shape {tuple(q.shape)}, k shape {tuple(k.shape)}")
     fmap = _feature_map(feature_map)
     if is_causal and not fmap.causal_ok:
         raise ValueError(f"feature_map={feature_map!r} mixes positions along the sequence, so it cannot be causal")
     norm = _normalization(normalize, fmap)
 
     f32 = lambda x: x.astype(jnp.float32)
-    G = H // kshape[2]
+    G = H // K
     phi_q = f32(fmap.query(f32(q)))
     phi_k, v32 = (jnp.repeat(x, G, axis=2) if G > 1 else x for x in (f32(fmap.key(f32(k))), f32(v)))
     if phi_q.shape[-1] != phi_k.shape[-1]:
@@ -120,7 +108,7 @@ def linear_attention(
         kv = jnp.einsum("bshd,bshe->bhde", phi_k, v32, precision=HI)
         num = jnp.einsum("bthd,bhde->bthe", phi_q, kv, precision=HI)
         den = jnp.einsum("bthd,bhd->bth", phi_q, phi_k.sum(1), precision=HI)
-        return _finish(norm, num, den, v32.sum(1, keepdims=True), float(kshape[1]))
+        return _finish(norm, num, den, v32.sum(1, keepdims=True), float(S))
 
     def pallas():
         if not is_causal:
