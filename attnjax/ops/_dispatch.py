@@ -33,8 +33,8 @@ def candidates(implementation: str | Sequence[str] | None) -> tuple[str, ...]:
     return names
 
 
-def run(op: str, impls: Mapping[str, Callable], implementation, *args, **kwargs):
-    """Calls the first implementation of ``op`` that serves these arguments."""
+def run(op: str, impls: Mapping[str, Callable[[], object]], implementation):
+    """Calls the first implementation of ``op`` (a zero-argument closure) that serves the call."""
     reasons = []
     for name in candidates(implementation):
         fn = impls.get(name)
@@ -42,7 +42,7 @@ def run(op: str, impls: Mapping[str, Callable], implementation, *args, **kwargs)
             reasons.append(f"{name}: {op} has no {name} implementation")
             continue
         try:
-            return fn(*args, **kwargs)
+            return fn()
         except NotImplementedError as e:
             reasons.append(f"{name}: {e}")
     raise NotImplementedError(f"no implementation of {op} could serve this call ({'; '.join(reasons)})")

@@ -61,13 +61,7 @@ def cpu(args) -> None:
                 summary[T]["xla_speedup_over_jax_nn"] = round(by[(T, "jax.nn")]["seconds"] / xla["seconds"], 2)
     payload = {"config": {"B": B, "H": H, "D": D, "dtype": "float32", "mask": "causal", "pass": "forward"},
                "rows": rows, "summary": summary}
-    path = common.write_result("attention" + ("-quick" if args.quick else ""), payload) if args.out is None else None
-    if args.out:
-        from pathlib import Path
-
-        Path(args.out).write_text(json.dumps(payload, indent=2))
-    print(json.dumps(summary, indent=2))
-    print(f"wrote {path or args.out}")
+    common.save("attention", payload, args)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:

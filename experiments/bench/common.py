@@ -80,8 +80,10 @@ def run_worker(module: str, *args: str, timeout: float = 1800) -> dict:
     return json.loads(lines[-1])
 
 
-def write_result(suite: str, payload: dict) -> Path:
-    """Writes ``benchmarks/results/<suite>-<backend>-<date>.json`` and returns its path."""
+def save(suite: str, payload: dict, args) -> Path:
+    """Writes the result record (payload plus environment, date and command) to ``args.out`` if
+    given, else to ``benchmarks/results/<suite>[-quick]-<backend>-<date>.json``; prints the
+    payload's summary and the path, and returns the path."""
     env = environment()
     record = {
         "suite": suite,
@@ -90,9 +92,15 @@ def write_result(suite: str, payload: dict) -> Path:
         "environment": env,
         **payload,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{suite}-{env['backend']}-{record['date'][:10]}.json"
+    if args.out:
+        path = Path(args.out)
+    else:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        quick = "-quick" if args.quick else ""
+        path = RESULTS / f"{suite}{quick}-{env['backend']}-{record['date'][:10]}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(payload.get("summary"), indent=2))
+    print(f"wrote {path}")
     return path
 
 

@@ -117,13 +117,7 @@ def gpu(args) -> None:
                     print(json.dumps(torch_row), flush=True)
     payload = {"config": {"dtype": "bfloat16", "tokens_per_batch": tokens, "check_rows": CHECK_ROWS},
                "rows": rows, "summary": _summary(rows)}
-    if args.out:
-        from pathlib import Path
-
-        Path(args.out).write_text(json.dumps(payload, indent=2))
-    else:
-        print(f"wrote {common.write_result('flash', payload)}")
-    print(json.dumps(payload["summary"], indent=2))
+    common.save("flash", payload, args)
 
 
 def _summary(rows) -> dict:

@@ -123,18 +123,6 @@ def _summary(rows, ours: str, others, base_T: int):
     return out
 
 
-def _finish(name, args, payload):
-    if args.out:
-        from pathlib import Path
-
-        Path(args.out).write_text(json.dumps(payload, indent=2))
-        path = args.out
-    else:
-        path = common.write_result(name + ("-quick" if args.quick else ""), payload)
-    print(json.dumps(payload["summary"], indent=2))
-    print(f"wrote {path}")
-
-
 def cpu(args) -> None:
     lengths = (512, 1024) if args.quick else (2048, 4096, 8192, 16384, 32768, 65536)
     impls = ("lightning-xla", "softmax-xla")
@@ -143,7 +131,7 @@ def cpu(args) -> None:
     payload = {"config": {"B": B, "H": H, "D": D, "E": D, "dtype": "float32", "pass": "forward",
                           "log_decay": "-lightning_slopes(8)", "softmax_max_T": SOFTMAX_MAX_T},
                "rows": rows, "summary": _summary(rows, "lightning-xla", ("softmax-xla",), base_T)}
-    _finish("lightning", args, payload)
+    common.save("lightning", payload, args)
 
 
 def gpu(args) -> None:
@@ -160,7 +148,7 @@ def gpu(args) -> None:
                           "log_decay": "-lightning_slopes(8)"},
                "rows": rows,
                "summary": _summary(rows, "lightning-pallas", ("fla-chunk", "softmax-cudnn", "lightning-xla"), 4096)}
-    _finish("lightning", args, payload)
+    common.save("lightning", payload, args)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:

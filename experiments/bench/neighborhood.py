@@ -103,7 +103,7 @@ def cpu(args) -> None:
         summary[f"{sp} k={kernel}"] = entry
     config = {"B": 1, "D": D, "dtype": "float32", "pass": "forward"}
     payload = {"config": config, "rows": rows, "summary": summary}
-    _write("neighborhood" + ("-quick" if args.quick else ""), payload, args)
+    common.save("neighborhood", payload, args)
 
 
 # NATTEN profiler configs: (name, spatial, kernel, stride, heads)
@@ -137,7 +137,7 @@ def gpu(args) -> None:
         summary[name] = entry
     config = {"B": 1, "D": 128, "dtype": "bfloat16", "pass": "forward"}
     payload = {"config": config, "rows": rows, "summary": summary}
-    _write("neighborhood" + ("-quick" if args.quick else ""), payload, args)
+    common.save("neighborhood", payload, args)
 
 
 def _density(spatial, kernel, stride) -> float:
@@ -145,17 +145,6 @@ def _density(spatial, kernel, stride) -> float:
     non-causal query sees exactly ``kernel`` keys per axis (windows are clamped), whatever the stride."""
     return math.prod(kernel / n for n in spatial)
 
-
-def _write(suite, payload, args) -> None:
-    if args.out:
-        from pathlib import Path
-
-        Path(args.out).write_text(json.dumps(payload, indent=2))
-        path = args.out
-    else:
-        path = common.write_result(suite, payload)
-    print(json.dumps(payload["summary"], indent=2))
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
