@@ -88,9 +88,8 @@ class _Tile:
     """Index bookkeeping of tile row ``i`` against its ``j``-th non-empty key tile."""
 
     def __init__(self, static: _common.Tiling, plan, i, j):
-        classes, order, _ = plan
+        _, order, _ = plan
         self.kt = order[i, j]
-        self.full = classes[i, self.kt] == FULL
         self.q_start, self.kv_start = i * static.block_q, self.kt * static.block_k
         self.q_idx = self.q_start + jnp.arange(static.block_q, dtype=jnp.int32)
         self.kv_idx = self.kv_start + jnp.arange(static.block_k, dtype=jnp.int32)
