@@ -26,6 +26,7 @@ Letter legend: B batch, T length, C channels, N EMA expansion, H heads, D head d
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax.numpy as jnp
@@ -53,10 +54,16 @@ def ema_kernel(
     Array([[0.5  , 0.25 , 0.125]], dtype=float32)
     """
     alpha, delta, beta, eta = (jnp.asarray(x, jnp.float32) for x in (alpha, delta, beta, eta))
-    j = jnp.arange(length, dtype=jnp.float32)
-    # (1 - alpha delta)^j as exp(j log(.)): one vectorized op, exact at j = 0.
-    decay = jnp.exp(j[None, None, :] * jnp.log1p(-alpha * delta)[..., None])  # [C, N, T]
-    return jnp.einsum("cn,cnt->ct", eta * alpha * beta, decay, precision=lax.Precision.HIGHEST)
+    log_q = jnp.log1p(-alpha * delta)[..., None]  # [C, N, 1]
+    # Writing j = R m + r, q^j = q^(R m) q^r turns the C N T powers (exp is the costly part) into
+    # C N (T / R + R) exps and one batched matmul over n, with R ~ sqrt(T).
+    R = max(1, math.isqrt(length))
+    M = -(-length // R)
+    outer = jnp.exp(log_q * (R * jnp.arange(M, dtype=jnp.float32)))  # [C, N, M]
+    inner = jnp.exp(log_q * jnp.arange(R, dtype=jnp.float32))  # [C, N, R]
+    weight = (eta * alpha * beta)[..., None]
+    kernel = jnp.einsum("cnm,cnr->cmr", weight * outer, inner, precision=lax.Precision.HIGHEST)
+    return kernel.reshape(kernel.shape[0], M * R)[:, :length]
 
 
 def damped_ema(
@@ -124,9 +131,10 @@ def _ema_fft(x, alpha, delta, beta, eta):
     T = x.shape[1]
     kernel = ema_kernel(alpha, delta, beta, eta, T)  # [C, T]
     n = 2 * T  # zero padding to 2T turns the FFT's circular convolution into a linear one
-    xf = jnp.fft.rfft(x, n=n, axis=1)  # [B, n/2+1, C]
-    kf = jnp.fft.rfft(kernel, n=n, axis=1).T  # [n/2+1, C]
-    return jnp.fft.irfft(xf * kf[None], n=n, axis=1)[:, :T]
+    # FFTs run along the last axis: channels first.
+    xf = jnp.fft.rfft(jnp.swapaxes(x, 1, 2), n=n)  # [B, C, n/2+1]
+    kf = jnp.fft.rfft(kernel, n=n)  # [C, n/2+1]
+    return jnp.swapaxes(jnp.fft.irfft(xf * kf[None], n=n)[..., :T], 1, 2)
 
 
 def mega_attention(
