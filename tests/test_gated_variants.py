@@ -98,25 +98,34 @@ def test_mega_chunked_matches_dense_and_chunks_by_hand():
     shape = Shape(B=2, T=45, S=45, H=1, K=1, D=12, E=20)
     q, k, v = shape.qkv(jax.random.key(2))
     out, _ = harness.check_vjp(_mega(16, "xla"), _mega(16, "reference"), (q, k, v), jnp.float32, what="mega-chunk")
-    # Chunk by chunk: causal attention on the chunk alone.
-    for lo in (0, 16, 32):
-        sl = slice(lo, lo + 16)
-        alone = ops.attention(q[:, sl], k[:, sl], v[:, sl], mask=masks.causal(), implementation="reference")
-        harness.assert_close(out[:, sl], alone, 2e-5, f"chunk at {lo}")
+
+    @jax.jit
+    def chunk_by_chunk(q, k, v):  # causal attention on each chunk alone
+        parts = [ops.attention(q[:, lo:lo + 16], k[:, lo:lo + 16], v[:, lo:lo + 16], mask=masks.causal(),
+                               implementation="reference") for lo in (0, 16, 32)]
+        return jnp.concatenate(parts, axis=1)
+
+    harness.assert_close(out, chunk_by_chunk(q, k, v), 2e-5, "chunk by chunk")
 
 
 def test_mega_layer_is_its_ops_and_trains():
-    m = nn.MegaLayer(8, ema_dim=3, qk_dim=6, v_dim=10, chunk_size=8, rngs=nnx.Rngs(0))
+    # The dense paths keep compilation cheap; the efficient ones are tested against them above.
+    m = nn.MegaLayer(8, ema_dim=3, qk_dim=6, v_dim=10, chunk_size=8, implementation="reference", rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(3), (2, 19, 8))
-    # The EMA is the op with sigmoid-constrained parameters, recurrence reference included.
-    sig = jax.nn.sigmoid
-    ema_ref = ops.damped_ema(x, sig(m.alpha_logit[...]), sig(m.delta_logit[...]), m.beta[...], m.eta[...],
-                             implementation="reference")
-    harness.assert_close(m.ema(x), ema_ref, 2e-5, "MegaLayer.ema")
-    q, k, v, reset, update, h_x = m.projections(x)
-    o = ops.attention(q, k, v, mask=masks.chunked(8) & masks.causal(), implementation="reference")[:, :, 0]
-    y = update * jax.nn.silu(h_x + m.h_proj(reset * o)) + (1 - update) * x
-    harness.assert_close(m(x), y, 2e-5, "MegaLayer")
+
+    @nnx.jit
+    def both(m, x):
+        # The EMA is the op with sigmoid-constrained parameters.
+        sig = jax.nn.sigmoid
+        ema = ops.damped_ema(x, sig(m.alpha_logit[...]), sig(m.delta_logit[...]), m.beta[...], m.eta[...])
+        q, k, v, reset, update, h_x = m.projections(x)
+        o = ops.attention(q, k, v, mask=masks.chunked(8) & masks.causal(), implementation="reference")[:, :, 0]
+        y = update * jax.nn.silu(h_x + m.h_proj(reset * o)) + (1 - update) * x
+        return m.ema(x), ema, m(x), y
+
+    ema_mod, ema_op, y_mod, y = both(m, x)
+    harness.assert_close(ema_mod, ema_op, 2e-5, "MegaLayer.ema")
+    harness.assert_close(y_mod, y, 2e-5, "MegaLayer")
     _check_trains(m, x)
 
 
@@ -219,28 +228,38 @@ def test_multi_token_is_causal_and_reduces_to_attention():
 def test_l2vit_global_attention_is_its_ops():
     m = nn.LinearGlobalAttention(2, 8, lcm_kernel=3, rngs=nnx.Rngs(1))
     x = jax.random.normal(jax.random.key(8), (1, 5, 7, 8))
-    q, k, v = m.query(x), m.key(x), m.value(x)
-    flat = lambda t: t.reshape(1, 35, 2, 4)
-    a = ops.linear_attention(flat(q), flat(k), flat(v), feature_map="relu", implementation="reference")
-    a = a.reshape(1, 5, 7, 8)
-    harness.assert_close(m(x), m.out((a + m.lcm(a)).reshape(1, 5, 7, 2, 4)), 2e-5, "LinearGlobalAttention")
+
+    @nnx.jit
+    def both(m, x):
+        q, k, v = m.query(x), m.key(x), m.value(x)
+        flat = lambda t: t.reshape(1, 35, 2, 4)
+        a = ops.linear_attention(flat(q), flat(k), flat(v), feature_map="relu", implementation="reference")
+        a = a.reshape(1, 5, 7, 8)
+        return m(x), m.out((a + m.lcm(a)).reshape(1, 5, 7, 2, 4))
+
+    harness.assert_close(*both(m, x), 2e-5, "LinearGlobalAttention")
 
 
 def test_multi_axis_module_is_its_op():
     m = nn.MultiAxisAttention(2, 8, grid=(2, 3), rngs=nnx.Rngs(2))
     x = jax.random.normal(jax.random.key(9), (2, 4, 6, 8))
-    q, k, v = m.query(x), m.key(x), m.value(x)
-    expected = m.out(ops.grid_attention(q, k, v, grid=(2, 3), implementation="reference"))
-    harness.assert_close(m(x), expected, 2e-5, "MultiAxisAttention")
+
+    @nnx.jit
+    def both(m, x):
+        q, k, v = m.query(x), m.key(x), m.value(x)
+        return m(x), m.out(ops.grid_attention(q, k, v, grid=(2, 3), implementation="reference"))
+
+    harness.assert_close(*both(m, x), 2e-5, "MultiAxisAttention")
 
 
 @pytest.mark.parametrize("which", ["maxvit", "l2vit"])
 def test_vision_blocks_train(which):
-    rngs = nnx.Rngs(3)
+    # Dense paths keep compilation cheap; the efficient ones' gradients are tested above.
+    kw = dict(mlp_ratio=1.0, implementation="reference", rngs=nnx.Rngs(3))
     if which == "maxvit":
-        m = nn.MaxViTBlock(2, 8, window=2, grid=2, mlp_ratio=1.0, rngs=rngs)
+        m = nn.MaxViTBlock(2, 8, window=2, grid=2, **kw)
     else:
-        m = nn.L2ViTBlockPair(2, 8, window=2, mlp_ratio=1.0, rngs=rngs)
+        m = nn.L2ViTBlockPair(2, 8, window=2, **kw)
     _check_trains(m, jax.random.normal(jax.random.key(10), (1, 4, 6, 8)))
 
 
@@ -279,3 +298,26 @@ def _grid(shape=(1, 4, 6, 2, 4)):
 def test_validation(call, err, match):
     with pytest.raises(err, match=match):
         call()
+
+
+def test_annotations_are_consistent():
+    """Run-time jaxtyping check of every new op's signature on valid calls (dense paths; traced
+    by ``jax.eval_shape``, never compiled)."""
+    from beartype import beartype
+    from jaxtyping import jaxtyped
+
+    def check(fn):
+        checked = jaxtyped(typechecker=beartype)(fn)
+        return lambda *a, **kw: jax.eval_shape(lambda *a: checked(*a, **kw), *a)
+
+    g = _grid((1, 4, 6, 2, 4))
+    check(ops.block_attention)(g, g, g, window=2, implementation="reference")
+    check(ops.grid_attention)(g, g, g, grid=2, implementation="reference")
+    x, a, d, b, e = _ema_args(B=1, T=6)
+    check(ops.damped_ema)(x, a, d, b, e, implementation="reference")
+    s = jnp.ones((1, 5, 2, 4))
+    check(ops.mega_attention)(s, s, s, chunk_size=2, implementation="reference")
+    check(ops.selective_attention)(s, s, s, query_temperature=jnp.ones((1, 5, 2)), position_scale=jnp.ones(2),
+                                   value_temperature=jnp.ones((1, 5, 2)), implementation="reference")
+    check(ops.multi_token_attention)(s, s, s, kernel=jnp.ones((2, 2, 3)), head_mix=jnp.ones((1, 2, 2)),
+                                     implementation="reference")
