@@ -222,6 +222,29 @@ def test_multi_token_is_causal_and_reduces_to_attention():
     harness.assert_close(_mta("xla")(q, k, v, eye_kernel, eye_mix), plain, 2e-5, "identity mta")
 
 
+def test_multi_token_layer_is_its_op_and_trains():
+    m = nn.MultiTokenAttention(4, 16, kernel=(2, 3), head_group=2, implementation="reference", rngs=nnx.Rngs(4))
+    x = jax.random.normal(jax.random.key(11), (2, 9, 16))
+
+    @nnx.jit
+    def fresh_is_plain(m, x):  # identity kernel and mixing at initialization
+        q, k, v = m.query(x), m.key(x), m.value(x)
+        return m.attend(q, k, v), ops.attention(q, k, v, mask=masks.causal(), implementation="reference")
+
+    harness.assert_close(*fresh_is_plain(m, x), 2e-5, "fresh MTA layer")
+    m.kernel[...] = m.kernel[...] + 0.3 * jax.random.normal(jax.random.key(12), m.kernel.shape)
+    m.head_mix[...] = m.head_mix[...] + 0.3 * jax.random.normal(jax.random.key(13), m.head_mix.shape)
+
+    @nnx.jit
+    def both(m, x):
+        q, k, v = m.query(x), m.key(x), m.value(x)
+        o = ops.multi_token_attention(q, k, v, kernel=m.kernel[...], head_mix=m.head_mix[...], mask=masks.causal())
+        return m(x), m.out(m.norm(o))
+
+    harness.assert_close(*both(m, x), 2e-5, "MultiTokenAttention")
+    _check_trains(m, x)
+
+
 # -- L2ViT and the multi-axis modules -------------------------------------------------------------
 
 

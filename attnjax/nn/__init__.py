@@ -2,7 +2,8 @@
 
 * :class:`MultiHeadAttention`: projections, GQA, QK-norm, output gate and a KV cache around any
   attnjax op (``attention_fn=``);
-* :class:`AgentAttention`, :class:`MoHAttention`, :class:`MegaLayer`, :class:`MultiAxisAttention` /
+* :class:`AgentAttention`, :class:`MoHAttention`, :class:`MegaLayer`, :class:`MultiTokenAttention`,
+  :class:`MultiAxisAttention` /
   :class:`MaxViTBlock` (MaxViT), :class:`L2ViTBlockPair` (L2ViT): the modules of those papers;
 * :class:`TransformerBlock`: pre-norm or Hybrid-Norm residual block; :class:`QKNorm`,
   :class:`LayerScale`, :class:`OutputGate`, :class:`Mlp` pieces;
@@ -22,11 +23,12 @@ from attnjax.nn.layers import LayerScale, Mlp, OutputGate, QKNorm
 from attnjax.nn.maxvit import MaxViTBlock, MultiAxisAttention
 from attnjax.nn.mega import MegaLayer
 from attnjax.nn.moh import MoHAttention
+from attnjax.nn.multi_token import MultiTokenAttention
 
 __all__ = [
     "AgentAttention", "MultiHeadAttention", "MoHAttention", "TransformerBlock",
     "QKNorm", "LayerScale", "OutputGate", "Mlp",
     "flax_attention_fn", "DenseMask", "dense_mask", "combine_masks",
-    "MegaLayer", "MultiAxisAttention", "MaxViTBlock",
+    "MegaLayer", "MultiAxisAttention", "MaxViTBlock", "MultiTokenAttention",
     "LinearGlobalAttention", "LocalConcentration", "L2ViTBlock", "L2ViTBlockPair",
 ]
