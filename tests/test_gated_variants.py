@@ -183,6 +183,25 @@ def test_selective_by_hand():
     np.testing.assert_allclose(out[0, :, 0], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_selective_layer_is_its_op_and_trains():
+    m = nn.SelectiveAttention(4, 16, num_kv_heads=2, implementation="reference", rngs=nnx.Rngs(5))
+    x = jax.random.normal(jax.random.key(14), (2, 9, 16))
+    # Move the temperature maps and position scale off their zero (plain attention) start.
+    for lin in (m.query_temperature, m.value_temperature):
+        lin.kernel[...] = 0.5 * jax.random.normal(jax.random.key(15), lin.kernel.shape)
+    m.position_scale[...] = jnp.array([0.0, 0.1, 0.2, 0.4])
+
+    @nnx.jit
+    def both(m, x):
+        tq, tv = m.temperatures(x)
+        o = ops.selective_attention(m.query(x), m.key(x), m.value(x), query_temperature=tq,
+                                    position_scale=m.position_scale[...], value_temperature=tv, mask=masks.causal())
+        return m(x), m.out(o)
+
+    harness.assert_close(*both(m, x), 2e-5, "SelectiveAttention")
+    _check_trains(m, x)
+
+
 # -- Multi-token attention ----------------------------------------------------------------------
 
 
