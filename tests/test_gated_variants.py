@@ -113,28 +113,30 @@ def test_mega_layer_is_its_ops_and_trains():
     m = nn.MegaLayer(8, ema_dim=3, qk_dim=6, v_dim=10, chunk_size=8, implementation="reference", rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(3), (2, 19, 8))
 
-    @nnx.jit
-    def both(m, x):
+    def compare(m, x):
         # The EMA is the op with sigmoid-constrained parameters.
         sig = jax.nn.sigmoid
         ema = ops.damped_ema(x, sig(m.alpha_logit[...]), sig(m.delta_logit[...]), m.beta[...], m.eta[...])
         q, k, v, reset, update, h_x = m.projections(x)
         o = ops.attention(q, k, v, mask=masks.chunked(8) & masks.causal(), implementation="reference")[:, :, 0]
         y = update * jax.nn.silu(h_x + m.h_proj(reset * o)) + (1 - update) * x
-        return m.ema(x), ema, m(x), y
+        return (m.ema(x), ema), (m(x), y)
 
-    ema_mod, ema_op, y_mod, y = both(m, x)
-    harness.assert_close(ema_mod, ema_op, 2e-5, "MegaLayer.ema")
-    harness.assert_close(y_mod, y, 2e-5, "MegaLayer")
-    _check_trains(m, x)
+    _is_its_op_and_trains(m, x, compare, "MegaLayer")
 
 
-def _check_trains(model, x):
+def _is_its_op_and_trains(model, x, compare, what):
+    """``compare(model, x)`` returns pairs (module output, the op on its projections) to match;
+    in the same ``nnx.jit`` program the gradient of a loss reaches every parameter, finite."""
+
     @nnx.jit
-    def grads(model, x):
-        return nnx.grad(lambda mod: jnp.mean(mod(x) ** 2))(model)
+    def run(model, x):
+        return nnx.grad(lambda mod: jnp.mean(mod(x) ** 2))(model), compare(model, x)
 
-    g = jax.tree.leaves(nnx.state(grads(model, x)))
+    grads, pairs = run(model, x)
+    for i, (got, want) in enumerate(pairs):
+        harness.assert_close(got, want, 2e-5, f"{what} [{i}]")
+    g = jax.tree.leaves(nnx.state(grads))
     assert g and all(np.isfinite(np.asarray(a)).all() for a in g)
     assert sum(float(jnp.abs(a).sum()) for a in g) > 0
 
@@ -191,15 +193,13 @@ def test_selective_layer_is_its_op_and_trains():
         lin.kernel[...] = 0.5 * jax.random.normal(jax.random.key(15), lin.kernel.shape)
     m.position_scale[...] = jnp.array([0.0, 0.1, 0.2, 0.4])
 
-    @nnx.jit
-    def both(m, x):
+    def compare(m, x):
         tq, tv = m.temperatures(x)
         o = ops.selective_attention(m.query(x), m.key(x), m.value(x), query_temperature=tq,
                                     position_scale=m.position_scale[...], value_temperature=tv, mask=masks.causal())
-        return m(x), m.out(o)
+        return ((m(x), m.out(o)),)
 
-    harness.assert_close(*both(m, x), 2e-5, "SelectiveAttention")
-    _check_trains(m, x)
+    _is_its_op_and_trains(m, x, compare, "SelectiveAttention")
 
 
 # -- Multi-token attention ----------------------------------------------------------------------
@@ -219,11 +219,12 @@ def _mta(impl, mask=masks.causal()):
                                                                   implementation=impl)
 
 
-def test_multi_token_conv_matches_shifted_sum():
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_multi_token_conv_matches_shifted_sum(dtype):
     """Grouped convolution vs the double sum of shifted logits (3x4 kernel: an even key width
     exercises the asymmetric offsets), causal, GQA, head groups of 2; gradients of the kernel
     and the mixing weights too."""
-    harness.check_vjp(_mta("xla"), _mta("reference"), _mta_args(), jnp.float32, what="mta")
+    harness.check_vjp(_mta("xla"), _mta("reference"), _mta_args(), dtype, what="mta")
 
 
 def test_multi_token_is_causal_and_reduces_to_attention():
@@ -245,64 +246,50 @@ def test_multi_token_layer_is_its_op_and_trains():
     m = nn.MultiTokenAttention(4, 16, kernel=(2, 3), head_group=2, implementation="reference", rngs=nnx.Rngs(4))
     x = jax.random.normal(jax.random.key(11), (2, 9, 16))
 
-    @nnx.jit
-    def fresh_is_plain(m, x):  # identity kernel and mixing at initialization
-        q, k, v = m.query(x), m.key(x), m.value(x)
-        return m.attend(q, k, v), ops.attention(q, k, v, mask=masks.causal(), implementation="reference")
+    fresh_kernel, fresh_mix = m.kernel[...], m.head_mix[...]
+    m.kernel[...] = fresh_kernel + 0.3 * jax.random.normal(jax.random.key(12), fresh_kernel.shape)
+    m.head_mix[...] = fresh_mix + 0.3 * jax.random.normal(jax.random.key(13), fresh_mix.shape)
 
-    harness.assert_close(*fresh_is_plain(m, x), 2e-5, "fresh MTA layer")
-    m.kernel[...] = m.kernel[...] + 0.3 * jax.random.normal(jax.random.key(12), m.kernel.shape)
-    m.head_mix[...] = m.head_mix[...] + 0.3 * jax.random.normal(jax.random.key(13), m.head_mix.shape)
-
-    @nnx.jit
-    def both(m, x):
+    def compare(m, x):
         q, k, v = m.query(x), m.key(x), m.value(x)
         o = ops.multi_token_attention(q, k, v, kernel=m.kernel[...], head_mix=m.head_mix[...], mask=masks.causal())
-        return m(x), m.out(m.norm(o))
+        # The initial (identity) kernel and mixing give plain causal attention.
+        fresh = ops.multi_token_attention(q, k, v, kernel=fresh_kernel, head_mix=fresh_mix, mask=masks.causal(),
+                                          implementation="reference")
+        plain = ops.attention(q, k, v, mask=masks.causal(), implementation="reference")
+        return (m(x), m.out(m.norm(o))), (fresh, plain)
 
-    harness.assert_close(*both(m, x), 2e-5, "MultiTokenAttention")
-    _check_trains(m, x)
+    _is_its_op_and_trains(m, x, compare, "MultiTokenAttention")
 
 
 # -- L2ViT and the multi-axis modules -------------------------------------------------------------
 
 
-def test_l2vit_global_attention_is_its_ops():
-    m = nn.LinearGlobalAttention(2, 8, lcm_kernel=3, rngs=nnx.Rngs(1))
-    x = jax.random.normal(jax.random.key(8), (1, 5, 7, 8))
-
-    @nnx.jit
-    def both(m, x):
-        q, k, v = m.query(x), m.key(x), m.value(x)
-        flat = lambda t: t.reshape(1, 35, 2, 4)
-        a = ops.linear_attention(flat(q), flat(k), flat(v), feature_map="relu", implementation="reference")
-        a = a.reshape(1, 5, 7, 8)
-        return m(x), m.out((a + m.lcm(a)).reshape(1, 5, 7, 2, 4))
-
-    harness.assert_close(*both(m, x), 2e-5, "LinearGlobalAttention")
-
-
-def test_multi_axis_module_is_its_op():
-    m = nn.MultiAxisAttention(2, 8, grid=(2, 3), rngs=nnx.Rngs(2))
-    x = jax.random.normal(jax.random.key(9), (2, 4, 6, 8))
-
-    @nnx.jit
-    def both(m, x):
-        q, k, v = m.query(x), m.key(x), m.value(x)
-        return m(x), m.out(ops.grid_attention(q, k, v, grid=(2, 3), implementation="reference"))
-
-    harness.assert_close(*both(m, x), 2e-5, "MultiAxisAttention")
-
-
 @pytest.mark.parametrize("which", ["maxvit", "l2vit"])
-def test_vision_blocks_train(which):
-    # Dense paths keep compilation cheap; the efficient ones' gradients are tested above.
+def test_vision_blocks_are_their_ops_and_train(which):
+    """MaxViTBlock's grid attention and L2ViT's global attention against their ops on their own
+    projections; both blocks train. Dense paths keep compilation cheap (the efficient ones'
+    gradients are tested above)."""
     kw = dict(mlp_ratio=1.0, implementation="reference", rngs=nnx.Rngs(3))
+    x = jax.random.normal(jax.random.key(10), (2, 4, 6, 8))
     if which == "maxvit":
-        m = nn.MaxViTBlock(2, 8, window=2, grid=2, **kw)
+        m = nn.MaxViTBlock(2, 8, window=2, grid=(2, 3), **kw)
+
+        def compare(m, x):
+            attn = m.grid
+            q, k, v = attn.query(x), attn.key(x), attn.value(x)
+            return ((attn(x), attn.out(ops.grid_attention(q, k, v, grid=(2, 3)))),)
     else:
         m = nn.L2ViTBlockPair(2, 8, window=2, **kw)
-    _check_trains(m, jax.random.normal(jax.random.key(10), (1, 4, 6, 8)))
+
+        def compare(m, x):
+            attn = m.glob.attn
+            q, k, v = attn.query(x), attn.key(x), attn.value(x)
+            flat = lambda t: t.reshape(2, 24, 2, 4)
+            a = ops.linear_attention(flat(q), flat(k), flat(v), feature_map="relu").reshape(2, 4, 6, 8)
+            return ((attn(x), attn.out((a + attn.lcm(a)).reshape(2, 4, 6, 2, 4))),)
+
+    _is_its_op_and_trains(m, x, compare, which)
 
 
 # -- validation -----------------------------------------------------------------------------------
