@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attnjax import masks, ops
+from attnjax import masks, ops, score_mods
 from attnjax.ops.moh import moh_gates
 from tests import harness
 from tests.harness import Shape
@@ -89,6 +89,18 @@ def test_skipping_equals_dense(kind):
         return f
 
     harness.check_vjp(run(True), run(False), (q, k, v, routed, shared, mix), jnp.float32, what=kind)
+
+
+def test_skipping_path_sees_global_positions():
+    """Score mods and dropout act on global indices in each skipped-to block (ALiBi distances,
+    dropped weights), so the skipping path equals the dense one with them too."""
+    q, k, v = _qkv(SHAPE)
+    routed, shared, mix = _logits(2, 37, 2, 4)
+    kw = dict(top_k=1, shared_logits=shared, mix_logits=mix, mask=masks.causal(), block_q=8,
+              score_mod=score_mods.alibi(score_mods.alibi_slopes(SHAPE.H)), dropout_rate=0.3,
+              dropout_key=jax.random.key(4))
+    run = lambda skip: lambda q, k, v: ops.moh_attention(q, k, v, routed, skip_unselected=skip, **kw).out
+    harness.check_vjp(run(True), run(False), (q, k, v), jnp.float32)
 
 
 def test_skipping_really_skips():

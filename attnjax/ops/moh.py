@@ -49,8 +49,8 @@ from jax import lax
 from jaxtyping import Array, Float
 
 from attnjax import _checks
-from attnjax import masks as masks_lib
-from attnjax.masks import Mask, Tiles, _pytree
+from attnjax.masks import Mask
+from attnjax.ops._common import Shard
 from attnjax.ops.attention import Implementation, attention
 
 
@@ -175,9 +175,8 @@ def moh_attention(
 
     gates, aux = moh_gates(routed_logits, top_k, shared_logits, mix_logits, num_shared=hs)
     if skip_unselected:
-        for name in ("bias", "score_mod"):
-            if attention_kwargs.get(name) is not None:
-                raise NotImplementedError(f"moh_attention(skip_unselected=True) does not support {name}=")
+        if attention_kwargs.get("bias") is not None:
+            raise NotImplementedError("moh_attention(skip_unselected=True) does not support bias=")
         heads = _skipping_heads(q, k, v, gates, mask, block_q, implementation, attention_kwargs)
     else:
         heads = attention(q, k, v, mask=mask, implementation=implementation, **attention_kwargs)
@@ -206,10 +205,13 @@ def _skipping_heads(q, k, v, gates, mask, block_q, implementation, attention_kwa
         q_blk = lax.dynamic_slice(qp, (b, i * bq, h, 0), (1, bq, 1, D))
         k_h = lax.dynamic_slice(k, (b, 0, h // (H // K), 0), (1, S, 1, D))
         v_h = lax.dynamic_slice(v, (b, 0, h // (H // K), 0), (1, S, 1, E))
-        blk_mask = None if mask is None else _Shifted(mask, b, h, i * bq, T, B, H)
+        # This (batch element, query block, head) is a piece of the whole problem: masks, score
+        # mods and dropout see its global indices.
+        shard = Shard.make(batch=B, heads=H, q_len=T, kv_len=S, batch_offset=b, head_offset=h, q_offset=i * bq)
 
         def compute(_):
-            out = attention(q_blk, k_h, v_h, mask=blk_mask, implementation=implementation, **attention_kwargs)
+            out = attention(q_blk, k_h, v_h, mask=mask, shard=shard, implementation=implementation,
+                            **attention_kwargs)
             return out[0, :, 0]  # [bq, E]
 
         return lax.cond(needed[b, i, h], compute, lambda _: jnp.zeros((bq, E), q.dtype), None)
@@ -218,55 +220,3 @@ def _skipping_heads(q, k, v, gates, mask, block_q, implementation, attention_kwa
     outs = lax.map(one, (b.ravel(), i.ravel(), h.ravel()))  # [B * nq * H, bq, E]
     outs = outs.reshape(B, nq, H, bq, E).transpose(0, 1, 3, 2, 4).reshape(B, nq * bq, H, E)
     return outs[:, :T]
-
-
-_POSITIONAL = (masks_lib.Causal, masks_lib.SlidingWindow, masks_lib.Chunked, masks_lib.KeyPrefix)
-
-
-def _positional(mask: Mask) -> bool:
-    """Whether ``mask``'s block bounds depend only on tile index bounds (so they can be shifted)."""
-    if isinstance(mask, (masks_lib.And, masks_lib.Or)):
-        return _positional(mask.a) and _positional(mask.b)
-    if isinstance(mask, masks_lib.Not):
-        return _positional(mask.a)
-    return isinstance(mask, _POSITIONAL)
-
-
-@_pytree(data=("inner", "b", "h", "q_offset"), meta=("q_len", "batch", "heads"))
-class _Shifted(Mask):
-    """``inner`` seen from one (batch element ``b``, head ``h``, query block at ``q_offset``)
-    of a problem with ``q_len`` queries, ``batch`` batch elements and ``heads`` heads."""
-
-    inner: Mask
-    b: Array
-    h: Array
-    q_offset: Array
-    q_len: int
-    batch: int
-    heads: int
-
-    def predicate(self, q_len, kv_len, b, h, q_idx, kv_idx):
-        # Evaluate for every batch element and head, then pick ours: some masks (KeyPrefix)
-        # broadcast over the batch axis instead of indexing it with ``b``.
-        ar = lambda n: jnp.arange(n, dtype=jnp.int32)
-        allowed = self.inner.predicate(
-            self.q_len, kv_len, ar(self.batch)[:, None, None, None], ar(self.heads)[None, :, None, None],
-            q_idx + self.q_offset, kv_idx,
-        )
-        allowed = jnp.broadcast_to(allowed, jnp.broadcast_shapes(allowed.shape, (1, 1, 1, 1)))
-        bi = self.b if allowed.shape[0] > 1 else 0
-        hi = self.h if allowed.shape[1] > 1 else 0
-        return lax.dynamic_index_in_dim(lax.dynamic_index_in_dim(allowed, bi, 0), hi, 1)
-
-    def bounds(self, tiles, batch):
-        if not _positional(self.inner):
-            # Content masks have no formula in the tile bounds: every tile is evaluated.
-            return jnp.ones((1, 1, 1, 1), bool), jnp.zeros((1, 1, 1, 1), bool)
-        shifted = Tiles(self.q_len, tiles.kv_len, tiles.block_q, tiles.block_k,
-                        tiles.q_lo + self.q_offset, tiles.q_hi + self.q_offset, tiles.kv_lo, tiles.kv_hi)
-        may_any, must_all = self.inner.bounds(shifted, self.batch)
-        # Reduce over batch and heads conservatively (the tile is shared by all of them here).
-        return may_any.any((0, 1), keepdims=True), must_all.all((0, 1), keepdims=True)
-
-    def check(self, batch, heads, q_len, kv_len):
-        self.inner.check(self.batch, self.heads, self.q_len, kv_len)
