@@ -14,16 +14,16 @@ import jax
 NAMES = ("reference", "xla", "pallas")
 
 
-def default_order() -> tuple[str, ...]:
+def default_order(cpu_order: tuple[str, ...] | None = None) -> tuple[str, ...]:
     # Pallas kernels compile for GPU/TPU; on CPU they only run in (slow) interpret mode.
     if jax.default_backend() in ("gpu", "tpu"):
         return ("pallas", "xla", "reference")
-    return ("xla", "reference")
+    return cpu_order or ("xla", "reference")
 
 
-def candidates(implementation: str | Sequence[str] | None) -> tuple[str, ...]:
+def candidates(implementation: str | Sequence[str] | None, cpu_order=None) -> tuple[str, ...]:
     if implementation is None:
-        return default_order()
+        return default_order(cpu_order)
     names = (implementation,) if isinstance(implementation, str) else tuple(implementation)
     for name in names:
         if name not in NAMES:
@@ -33,10 +33,12 @@ def candidates(implementation: str | Sequence[str] | None) -> tuple[str, ...]:
     return names
 
 
-def run(op: str, impls: Mapping[str, Callable[[], object]], implementation):
-    """Calls the first implementation of ``op`` (a zero-argument closure) that serves the call."""
+def run(op: str, impls: Mapping[str, Callable[[], object]], implementation, cpu_order=None):
+    """Calls the first implementation of ``op`` (a zero-argument closure) that serves the call.
+
+    ``cpu_order`` overrides the default order on CPU for an op whose measurements say so."""
     reasons = []
-    for name in candidates(implementation):
+    for name in candidates(implementation, cpu_order):
         fn = impls.get(name)
         if fn is None:
             reasons.append(f"{name}: {op} has no {name} implementation")
