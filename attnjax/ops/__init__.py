@@ -6,6 +6,7 @@ legend. Every op takes ``implementation=None | "reference" | "xla" | "pallas"``.
 
 from attnjax.ops.agent import agent_attention, pool_agents_1d, pool_agents_2d
 from attnjax.ops.attention import attention, sigmoid_attention
+from attnjax.ops.biformer import biformer_attention, bilevel_routing
 from attnjax.ops.lightning import (
     lightning_attention,
     lightning_decode_step,
@@ -13,8 +14,10 @@ from attnjax.ops.lightning import (
     lightning_slopes,
 )
 from attnjax.ops.linear import linear_attention
+from attnjax.ops.moa import moa_attention
 from attnjax.ops.moh import MoHOutput, moh_attention
 from attnjax.ops.neighborhood import neighborhood_attention
+from attnjax.ops.routing import routing_attention, routing_clusters, routing_init, routing_update
 from attnjax.ops.xla import BlockSizes
 
 __all__ = [
@@ -24,4 +27,7 @@ __all__ = [
     "linear_attention",
     "moh_attention", "MoHOutput",
     "neighborhood_attention",
+    "biformer_attention", "bilevel_routing",
+    "routing_attention", "routing_clusters", "routing_init", "routing_update",
+    "moa_attention",
 ]
