@@ -7,6 +7,8 @@ legend. Every op takes ``implementation=None | "reference" | "xla" | "pallas"``.
 from attnjax.ops.agent import agent_attention, pool_agents_1d, pool_agents_2d
 from attnjax.ops.attention import attention, sigmoid_attention
 from attnjax.ops.biformer import biformer_attention, bilevel_routing
+from attnjax.ops.hyper import hyper_attention
+from attnjax.ops.landmark import landmark_attention
 from attnjax.ops.lightning import (
     lightning_attention,
     lightning_decode_step,
@@ -29,5 +31,5 @@ __all__ = [
     "neighborhood_attention",
     "biformer_attention", "bilevel_routing",
     "routing_attention", "routing_clusters", "routing_init", "routing_update",
-    "moa_attention",
+    "moa_attention", "hyper_attention", "landmark_attention",
 ]
