@@ -17,6 +17,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+GROUP_IMPLEMENTATION = "reference"
+"""How gathered groups (a region's routed keys, a cluster, a sorted-LSH block, sampled columns)
+are attended: each is a small dense problem with nothing to skip inside, so ops.attention's dense
+path serves it; the sparsity is in which keys were gathered."""
+
 
 def merge(parts) -> tuple[Float[Array, "... E"], Float[Array, "..."]]:
     """Merges partial attentions ``[(out [..., E], lse [...]), ...]`` (float32) over disjoint

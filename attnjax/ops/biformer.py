@@ -34,7 +34,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from attnjax import _checks, masks
-from attnjax.ops import _dispatch
+from attnjax.ops import _dispatch, _sparse
 from attnjax.ops._common import scores
 from attnjax.ops.attention import Implementation, attention
 
@@ -194,5 +194,5 @@ def _gathered(q, k, v, routing, spatial, region, scale):
     if any(s % r for s, r in zip(spatial, region)):  # ragged sizes: padded keys must be masked
         key_ok = valid[routing].reshape(B * n, top_k * R)
         mask = masks.document(jnp.zeros((B * n, R), jnp.int32), (~key_ok).astype(jnp.int32))
-    out = attention(qr.reshape(B * n, R, H, D), kg, vg, mask=mask, scale=scale, implementation="xla")
+    out = attention(qr.reshape(B * n, R, H, D), kg, vg, mask=mask, scale=scale, implementation=_sparse.GROUP_IMPLEMENTATION)
     return _from_regions(out.reshape(B, n, R, H, -1), spatial, region)

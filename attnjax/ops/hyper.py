@@ -122,7 +122,7 @@ def _noncausal(key, q, k, v, cfg):
     if nb * bk != S:  # the last key block is ragged
         lengths = jnp.clip(S - jnp.arange(nb) * bk, 0, bk)
         mask = masks.KeyPrefix(jnp.tile(lengths, B * H).astype(jnp.int32))
-    o1, l1 = attention(qs, ks, vs, mask=mask, scale=cfg.scale, return_lse=True, implementation="xla")
+    o1, l1 = attention(qs, ks, vs, mask=mask, scale=cfg.scale, return_lse=True, implementation=_sparse.GROUP_IMPLEMENTATION)
     unsort = lambda x, tail: jnp.take_along_axis(
         x.reshape(B, H, nb * bq, *tail)[:, :, :T], jnp.argsort(q_perm, axis=-1).reshape(B, H, T, *(1,) * len(tail)), axis=2)
     o1 = unsort(o1.astype(jnp.float32), (E,)).transpose(0, 2, 1, 3)
@@ -134,14 +134,14 @@ def _noncausal(key, q, k, v, cfg):
     pick = lambda x: jnp.take_along_axis(_heads(x, H), sample[..., None], axis=2).transpose(0, 2, 1, 3)
     outside = q_block[..., :, None] != jnp.take_along_axis(k_block, sample, axis=-1)[..., None, :]
     o2, l2 = attention(q, pick(k), pick(v), mask=dense_mask(outside), scale=cfg.scale, return_lse=True,
-                       implementation="xla")
+                       implementation=_sparse.GROUP_IMPLEMENTATION)
     return _sparse.merge([(o1, l1), (o2.astype(jnp.float32), l2 + math.log(S / m))])
 
 
 def _causal(key, q, k, v, cfg):
     T = q.shape[1]
     if T <= cfg.min_seq_len:
-        out, lse = attention(q, k, v, mask=masks.causal(), scale=cfg.scale, return_lse=True, implementation="xla")
+        out, lse = attention(q, k, v, mask=masks.causal(), scale=cfg.scale, return_lse=True, implementation=_sparse.GROUP_IMPLEMENTATION)
         return out.astype(jnp.float32), lse
     t1 = T // 2
     k_left, k_right, k_cross = jax.random.split(key, 3)

@@ -18,8 +18,8 @@ with ``s_{ps} = q_p . k_s / sqrt(D)``, ``local(p) = [c l, p]`` and ``J(p)`` the 
 ``s_{p L_j}`` (retrieval). Equivalently, one softmax over all keys whose logits in an earlier
 block ``j`` are shifted by ``s_{p L_j} - logsumexp_{s' in j} s_{ps'}``; the reference computes
 exactly that, densely. With retrieval, the gathered path costs
-``O(T (S / l + l + top_k l) D)``: landmark scores, the local block (a chunked causal mask with
-tile skipping) and the retrieved blocks, gathered per query, instead of ``O(T S D)``.
+``O(T (S / l + l + top_k l) D)``: landmark scores, then the query's own block and the retrieved
+blocks gathered per query (in chunks of queries), instead of ``O(T S D)``.
 
 Positions are aligned bottom-right (query ``i`` is at ``p = i + S - T``), as in decoding with a
 cache. The top-k choice is not differentiable: gradients flow to q, k, v and the landmark keys
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
 
-from attnjax import _checks, masks
+from attnjax import _checks
 from attnjax.ops import _dispatch, _sparse
 from attnjax.ops._common import scores
 from attnjax.ops.attention import Implementation, attention
@@ -80,8 +80,8 @@ def landmark_attention(
       top_k: retrieve only the ``top_k`` earlier blocks with the largest landmark scores (per
         query and head); None uses every earlier block (the training form).
       scale: logit scale, default ``1 / sqrt(D)``.
-      implementation: ``"reference"`` (dense, shifted logits) or ``"xla"`` (local block with tile
-        skipping plus gathered retrieved blocks; needs ``top_k``). None tries xla, then reference.
+      implementation: ``"reference"`` (dense, shifted logits) or ``"xla"`` (own and retrieved
+        blocks gathered; needs ``top_k``). None tries xla, then reference.
 
     >>> import jax, jax.numpy as jnp
     >>> from attnjax import ops
@@ -137,37 +137,42 @@ def _retrieval(q, k, v, landmark_k, l, top_k, scale):
     S, K, E = k.shape[1], k.shape[2], v.shape[-1]
     n = landmark_k.shape[1]
     kk = min(top_k, n)
-    # Local block: causal within the query's own block of l keys (tiles outside are skipped).
-    o_loc, l_loc = attention(q, k, v, mask=masks.chunked(l) & masks.causal(), scale=scale, return_lse=True,
-                             implementation="xla")
     s_land, _ = _landmark_scores(q, landmark_k, l, kk, S, scale)  # [B, H, T, n]
     _, idx = lax.top_k(lax.stop_gradient(s_land), kk)  # earlier blocks first; -inf fills if too few
-    land = jnp.take_along_axis(s_land, idx, axis=-1)  # [B, H, T, kk] (keeps the gradient); -inf if none
+    land = jnp.take_along_axis(s_land, idx, axis=-1)  # [B, H, T, kk] (keeps the gradient)
+    own = (jnp.arange(T) + S - T) // l  # each query's own block
+    idx = jnp.concatenate([jnp.broadcast_to(own[:, None], (B, H, T, 1)), idx], axis=-1)  # [B, H, T, 1 + kk]
     pad = lambda x: jnp.pad(x, ((0, 0), (0, n * l - S), (0, 0), (0, 0))).reshape(B, n, l, K, x.shape[-1])
     kb, vb = pad(k), pad(v)  # [B, n, l, K, .]
     G = H // K
-    # Retrieved blocks, one query chunk at a time so gathered keys stay O(chunk * top_k * l).
+    # One query chunk at a time, so the gathered keys stay O(chunk * (1 + top_k) * l).
     chunk = min(T, 64)
     nc = -(-T // chunk)
     tpad = nc * chunk - T
     qc = jnp.pad(q, ((0, 0), (0, tpad), (0, 0), (0, 0))).reshape(B, nc, chunk, K, G, D)
-    ic = jnp.pad(idx, ((0, 0), (0, 0), (0, tpad), (0, 0))).reshape(B, K, G, nc, chunk, kk)
+    ic = jnp.pad(idx, ((0, 0), (0, 0), (0, tpad), (0, 0))).reshape(B, K, G, nc, chunk, 1 + kk)
+    pc = jnp.pad(jnp.arange(T) + S - T, (0, tpad)).reshape(nc, chunk)  # query positions
     b_ar = jnp.arange(B)[:, None, None, None, None]
     k_ar = jnp.arange(K)[None, :, None, None, None]
 
     def one(c):
-        blk = ic[:, :, :, c]  # [B, K, G, chunk, kk]
-        kg, vg = kb[b_ar, blk, :, k_ar], vb[b_ar, blk, :, k_ar]  # [B, K, G, chunk, kk, l, .]
+        blk = ic[:, :, :, c]  # [B, K, G, chunk, 1 + kk]
+        kg, vg = kb[b_ar, blk, :, k_ar], vb[b_ar, blk, :, k_ar]  # [B, K, G, chunk, 1 + kk, l, .]
         s = jnp.einsum("bqkgd,bkgqjsd->bkgqjs", qc[:, c].astype(jnp.float32), kg.astype(jnp.float32),
                        precision=lax.Precision.HIGHEST) * scale
-        valid = (blk[..., None] * l + jnp.arange(l)) < S  # padded keys of a ragged last block
-        w = jax.nn.softmax(jnp.where(valid, s, -jnp.inf), axis=-1)
-        o = jnp.einsum("bkgqjs,bkgqjse->bkgqje", w, vg.astype(jnp.float32), precision=lax.Precision.HIGHEST)
-        return o.reshape(B, H, chunk, kk, E)
+        key_pos = blk[..., None] * l + jnp.arange(l)  # [B, K, G, chunk, 1 + kk, l]
+        ok = key_pos < S  # padded keys of a ragged last block
+        ok = ok.at[..., 0, :].set(ok[..., 0, :] & (key_pos[..., 0, :] <= pc[c][:, None]))  # own block: causal
+        s = jnp.where(ok, s, -jnp.inf)
+        lse = jax.nn.logsumexp(s, axis=-1)  # finite: a block always holds an allowed key
+        o = jnp.einsum("bkgqjs,bkgqjse->bkgqje", jnp.exp(s - lse[..., None]), vg.astype(jnp.float32),
+                       precision=lax.Precision.HIGHEST)
+        return o.reshape(B, H, chunk, 1 + kk, E), lse[..., 0].reshape(B, H, chunk)
 
-    o_far = lax.map(one, jnp.arange(nc))  # [nc, B, H, chunk, kk, E]
-    o_far = o_far.transpose(1, 2, 0, 3, 4, 5).reshape(B, H, nc * chunk, kk, E)[:, :, :T]
-    parts = [(o_loc.astype(jnp.float32).transpose(0, 2, 1, 3), l_loc.transpose(0, 2, 1))]
-    parts += [(o_far[:, :, :, j], land[..., j]) for j in range(kk)]
+    o, l_own = lax.map(one, jnp.arange(nc))  # [nc, B, H, chunk, 1 + kk, E], [nc, B, H, chunk]
+    o = o.transpose(1, 2, 0, 3, 4, 5).reshape(B, H, nc * chunk, 1 + kk, E)[:, :, :T]
+    l_own = l_own.transpose(1, 2, 0, 3).reshape(B, H, nc * chunk)[:, :, :T]
+    # The own block enters with its log-sum-exp, a retrieved block j with its landmark score.
+    parts = [(o[:, :, :, 0], l_own)] + [(o[:, :, :, 1 + j], land[..., j]) for j in range(kk)]
     out, _ = _sparse.merge(parts)
     return out.transpose(0, 2, 1, 3).astype(q.dtype)

@@ -196,7 +196,7 @@ def _gathered(q, k, v, q_idx, k_idx, causal, scale):
     if causal:
         ok = k_idx[..., None, :] <= q_idx[..., :, None] + (S - T)  # [B, H, C, wq, wk]
         mask = dense_mask(ok.reshape(B * H * C, 1, wq, wk))
-    out, lse = attention(qg, kg, vg, mask=mask, scale=scale, return_lse=True, implementation="xla")
+    out, lse = attention(qg, kg, vg, mask=mask, scale=scale, return_lse=True, implementation=_sparse.GROUP_IMPLEMENTATION)
     out = out.astype(jnp.float32).reshape(B * H, C * wq, E)
     lse = lse.reshape(B * H, C * wq)
     # Merge the clusters a query belongs to: a scatter over its position (log-sum-exp weights).
