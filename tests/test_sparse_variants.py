@@ -2,7 +2,8 @@
 Transformer, MoA, HyperAttention, landmark attention.
 
 Each efficient (gathered / block-skipping) path is checked against its dense reference, values
-and gradients, with the discrete routing (top-k regions, clusters, LSH and samples, retrieved
+and gradients (float32; bfloat16 for BiFormer and landmark retrieval, the other paths' inner
+calls being ops.attention, whose bf16 behaviour its own suite covers), with the discrete routing (top-k regions, clusters, LSH and samples, retrieved
 blocks) computed identically on both sides, hence held fixed for the gradients. Equations are
 checked by hand on small cases, and approximations against exact attention.
 """
@@ -80,13 +81,6 @@ def test_routing_gathered_matches_reference(causal):
          (q, k, v))
 
 
-@pytest.mark.slow
-def test_routing_bf16():
-    mu = ops.routing_init(jax.random.key(3), GQA.H, 4, GQA.D)
-    op = lambda q, k, v, implementation: ops.routing_attention(q, k, v, mu, causal=True, window=12, implementation=implementation)
-    _vjp(op, GQA.qkv(jax.random.key(5)), jnp.bfloat16)
-
-
 def test_routing_one_cluster_is_full_attention():
     """One centroid with the default window takes every query and key: exact attention."""
     q, k, v = GQA.qkv(jax.random.key(6))
@@ -133,7 +127,7 @@ def test_routing_update_finds_clusters():
 MOA = dict(alpha=(2, 6, 0, 6), beta=(0.0, 0.1, 0.25, 0.1), sinks=3)
 
 
-@pytest.mark.parametrize("sizes", [(37, 37, 8, 16), (20, 45, 16, 8), (45, 20, 4, 4)], ids=str)
+@pytest.mark.parametrize("sizes", [(37, 37, 8, 16), (45, 20, 4, 4)], ids=str)
 def test_moa_block_map_is_exact_per_head(sizes):
     T, S, bq, bk = sizes
     m = masks.moa(**MOA)
@@ -159,9 +153,9 @@ def test_moa_spans_and_mask_by_hand():
             np.testing.assert_array_equal(dense[h, i], expected)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)], ids=["f32", "bf16"])
-def test_moa_per_span_calls_match_reference(dtype):
-    _vjp(ops.moa_attention, GQA.qkv(jax.random.key(11)), dtype, block_sizes=ops.BlockSizes(8, 8), **MOA)
+def test_moa_per_span_calls_match_reference():
+    # float32 only: every call is ops.attention, whose bf16 behaviour its own suite covers.
+    _vjp(ops.moa_attention, GQA.qkv(jax.random.key(11)), block_sizes=ops.BlockSizes(8, 8), **MOA)
 
 
 def test_moa_mask_in_generic_attention():
@@ -187,31 +181,19 @@ def test_moa_skips_per_head():
 HYPER = dict(block_size=8, sample_size=10, num_projections=4)
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_hyper_gathered_matches_reference(causal):
-    shape = GQA if causal else Shape(B=2, T=29, S=45, H=4, K=2, D=12, E=10)
-    _vjp(ops.hyper_attention, shape.qkv(jax.random.key(13)), key=jax.random.key(14), causal=causal,
-         min_seq_len=20, **HYPER)  # causal: one split (37 -> 18 + 19)
-
-
-@pytest.mark.slow
-def test_hyper_bf16():
-    # Inputs already rounded to bf16, so the float32 reference hashes exactly the same values
-    # (LSH buckets are discontinuous: rounding may move a token to another block).
-    args = tuple(x.astype(jnp.bfloat16) for x in GQA.qkv(jax.random.key(15)))
-    _vjp(ops.hyper_attention, args, jnp.bfloat16, key=jax.random.key(16), **HYPER)
+def test_hyper_gathered_matches_reference():
+    """Causal, one split (37 -> 18 + 19): the lower-left block is the non-causal estimate on a
+    ragged 19 x 18 problem, merged with the causal halves, so both forms are covered."""
+    _vjp(ops.hyper_attention, GQA.qkv(jax.random.key(13)), key=jax.random.key(14), causal=True, min_seq_len=20, **HYPER)
 
 
 def test_hyper_exact_limits():
-    """One block holding every key, or a sample of every key, or a causal recursion that never
-    splits, is exact attention."""
+    """One block holding every key, or a sample of every key, is exact attention."""
     q, k, v = GQA.qkv(jax.random.key(17))
     key = jax.random.key(18)
     exact = ops.attention(q, k, v, implementation="reference")
     harness.assert_close(ops.hyper_attention(q, k, v, key=key, block_size=37, sample_size=5), exact, 2e-5, "b >= S")
     harness.assert_close(ops.hyper_attention(q, k, v, key=key, block_size=4, sample_size=37), exact, 2e-5, "m = S")
-    causal = ops.attention(q, k, v, mask=masks.causal(), implementation="reference")
-    harness.assert_close(ops.hyper_attention(q, k, v, key=key, causal=True, min_seq_len=37), causal, 2e-5, "no split")
 
 
 def test_hyper_error_falls_with_sample_size():
@@ -244,7 +226,8 @@ def test_landmark_retrieval_matches_reference(dtype):
 
 def test_landmark_grouped_softmax_by_hand():
     """One head, blocks of 3: outer softmax over the local tokens and earlier landmarks, inner
-    softmax within each retrieved block; top_k=1 keeps the best landmark only."""
+    softmax within each retrieved block; top_k=1 keeps the best landmark only. (With top_k=None
+    the op has no gathered path and falls back to the reference.)"""
     q, k, v = (np.asarray(x, np.float64) for x in Shape(B=1, T=8, S=8, H=1, K=1, D=4, E=3).qkv(jax.random.key(21)))
     marks = np.asarray(jax.random.normal(jax.random.key(23), (1, 3, 1, 4)), np.float64)
     sc = 0.5
@@ -264,15 +247,9 @@ def test_landmark_grouped_softmax_by_hand():
                 out = out + gj * (_np_softmax(q[0, p, 0] @ k[0, blk, 0].T * sc) @ v[0, blk, 0])
             expected[p] = out
         f = lambda x: jnp.asarray(x, jnp.float32)
-        for impl in ("reference", "xla") if top_k else ("reference",):
+        for impl in ("reference",) if top_k else (None,):  # xla vs reference: the retrieval test
             got = ops.landmark_attention(f(q), f(k), f(v), f(marks), block_size=3, top_k=top_k, scale=sc, implementation=impl)
             np.testing.assert_allclose(np.asarray(got[0, :, 0]), expected, rtol=1e-5, atol=1e-6, err_msg=f"{impl} {top_k}")
-
-
-def test_landmark_top_k_covering_all_blocks_is_training_form():
-    q, k, v, marks = _landmark_args(GQA, jax.random.key(22))
-    dense = ops.landmark_attention(q, k, v, marks, block_size=8)  # no xla path: falls back to the reference
-    harness.assert_close(ops.landmark_attention(q, k, v, marks, block_size=8, top_k=5, implementation="xla"), dense, 2e-5)
 
 
 # -- validation ------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 * :class:`MultiHeadAttention`: projections, GQA, QK-norm, output gate and a KV cache around any
   attnjax op (``attention_fn=``);
-* :class:`AgentAttention`, :class:`MoHAttention`: the modules of those papers;
+* :class:`AgentAttention`, :class:`MoHAttention`, :class:`RoutingAttention`: the modules of those papers;
 * :class:`TransformerBlock`: pre-norm or Hybrid-Norm residual block; :class:`QKNorm`,
   :class:`LayerScale`, :class:`OutputGate`, :class:`Mlp` pieces;
 * :func:`flax_attention_fn`: any attnjax op as ``flax.nnx.MultiHeadAttention(attention_fn=...)``;
@@ -18,9 +18,10 @@ from attnjax.nn.block import TransformerBlock
 from attnjax.nn.flax_adapter import DenseMask, dense_mask, flax_attention_fn
 from attnjax.nn.layers import LayerScale, Mlp, OutputGate, QKNorm
 from attnjax.nn.moh import MoHAttention
+from attnjax.nn.routing import Centroids, RoutingAttention
 
 __all__ = [
-    "AgentAttention", "MultiHeadAttention", "MoHAttention", "TransformerBlock",
+    "AgentAttention", "MultiHeadAttention", "MoHAttention", "RoutingAttention", "Centroids", "TransformerBlock",
     "QKNorm", "LayerScale", "OutputGate", "Mlp",
     "flax_attention_fn", "DenseMask", "dense_mask", "combine_masks",
 ]

@@ -19,7 +19,8 @@ with ``s_{ps} = q_p . k_s / sqrt(D)``, ``local(p) = [c l, p]`` and ``J(p)`` the 
 block ``j`` are shifted by ``s_{p L_j} - logsumexp_{s' in j} s_{ps'}``; the reference computes
 exactly that, densely. With retrieval, the gathered path costs
 ``O(T (S / l + l + top_k l) D)``: landmark scores, then the query's own block and the retrieved
-blocks gathered per query (in chunks of queries), instead of ``O(T S D)``.
+blocks gathered per query (in chunks of queries), instead of ``O(T S D)``. Gathering copies ``(1 + top_k) l`` keys and values
+per query, so it pays when ``S`` is much longer than that (decoding over a long cache).
 
 Positions are aligned bottom-right (query ``i`` is at ``p = i + S - T``), as in decoding with a
 cache. The top-k choice is not differentiable: gradients flow to q, k, v and the landmark keys
@@ -143,21 +144,21 @@ def _retrieval(q, k, v, landmark_k, l, top_k, scale):
     own = (jnp.arange(T) + S - T) // l  # each query's own block
     idx = jnp.concatenate([jnp.broadcast_to(own[:, None], (B, H, T, 1)), idx], axis=-1)  # [B, H, T, 1 + kk]
     pad = lambda x: jnp.pad(x, ((0, 0), (0, n * l - S), (0, 0), (0, 0))).reshape(B, n, l, K, x.shape[-1])
-    kb, vb = pad(k), pad(v)  # [B, n, l, K, .]
+    kb, vb = (pad(x).transpose(0, 3, 1, 2, 4) for x in (k, v))  # [B, K, n, l, .]
+    # A row gather per (batch, key head): XLA turns it into a plain copy of whole blocks.
+    take = jax.vmap(jax.vmap(lambda table, ids: table[ids]))
     G = H // K
     # One query chunk at a time, so the gathered keys stay O(chunk * (1 + top_k) * l).
-    chunk = min(T, 64)
+    chunk = min(T, 16)  # small chunks: the gathered blocks are (1 + top_k) * l keys per query
     nc = -(-T // chunk)
     tpad = nc * chunk - T
     qc = jnp.pad(q, ((0, 0), (0, tpad), (0, 0), (0, 0))).reshape(B, nc, chunk, K, G, D)
     ic = jnp.pad(idx, ((0, 0), (0, 0), (0, tpad), (0, 0))).reshape(B, K, G, nc, chunk, 1 + kk)
     pc = jnp.pad(jnp.arange(T) + S - T, (0, tpad)).reshape(nc, chunk)  # query positions
-    b_ar = jnp.arange(B)[:, None, None, None, None]
-    k_ar = jnp.arange(K)[None, :, None, None, None]
 
     def one(c):
         blk = ic[:, :, :, c]  # [B, K, G, chunk, 1 + kk]
-        kg, vg = kb[b_ar, blk, :, k_ar], vb[b_ar, blk, :, k_ar]  # [B, K, G, chunk, 1 + kk, l, .]
+        kg, vg = (take(x, blk.reshape(B, K, -1)).reshape(*blk.shape, l, -1) for x in (kb, vb))  # [B, K, G, chunk, 1 + kk, l, .]
         s = jnp.einsum("bqkgd,bkgqjsd->bkgqjs", qc[:, c].astype(jnp.float32), kg.astype(jnp.float32),
                        precision=lax.Precision.HIGHEST) * scale
         key_pos = blk[..., None] * l + jnp.arange(l)  # [B, K, G, chunk, 1 + kk, l]
