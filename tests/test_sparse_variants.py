@@ -56,7 +56,9 @@ def test_biformer_routing_and_equation_by_hand():
     km = np.stack([k[0, list(r)].mean(0) for r in regions])
     affinity = np.einsum("ihd,jhd->ij", qm, km)
     top = np.argsort(-affinity, axis=1)[:, :2]
-    got = ops.bilevel_routing(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32), region_size=4, top_k=2)
+    f = lambda x: jnp.asarray(x, jnp.float32)
+    got, out = jax.jit(lambda q, k, v: (ops.bilevel_routing(q, k, region_size=4, top_k=2),
+                                        ops.biformer_attention(q, k, v, region_size=4, top_k=2)))(f(q), f(k), f(v))
     np.testing.assert_array_equal(np.sort(np.asarray(got[0]), 1), np.sort(top, 1))
     expected = np.zeros((10, 2, 2))
     for i, r in enumerate(regions):
@@ -65,7 +67,6 @@ def test_biformer_routing_and_equation_by_hand():
             for h in range(2):
                 w = _np_softmax(q[0, t, h] @ k[0, keys, h].T / np.sqrt(3))
                 expected[t, h] = w @ v[0, keys, h]
-    out = ops.biformer_attention(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), region_size=4, top_k=2)
     np.testing.assert_allclose(np.asarray(out[0]), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -85,8 +86,9 @@ def test_routing_one_cluster_is_full_attention():
     """One centroid with the default window takes every query and key: exact attention."""
     q, k, v = GQA.qkv(jax.random.key(6))
     mu = ops.routing_init(jax.random.key(0), GQA.H, 1, GQA.D)
-    out = ops.routing_attention(q, k, v, mu, causal=True)
-    harness.assert_close(out, ops.attention(q, k, v, mask=masks.causal(), implementation="reference"), 2e-5)
+    out, exact = jax.jit(lambda q, k, v: (ops.routing_attention(q, k, v, mu, causal=True),
+                                          ops.attention(q, k, v, mask=masks.causal(), implementation="reference")))(q, k, v)
+    harness.assert_close(out, exact, 2e-5)
 
 
 def test_routing_clusters_and_update_by_hand():
@@ -95,7 +97,7 @@ def test_routing_clusters_and_update_by_hand():
     mu = ops.routing_init(jax.random.key(8), 1, 2, 4)
     unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
     qn, kn, m = unit(np.asarray(q[0, :, 0], np.float64)), unit(np.asarray(k[0, :, 0], np.float64)), np.asarray(mu[0], np.float64)
-    q_idx, k_idx = ops.routing_clusters(mu, q, k, window=3)
+    q_idx, k_idx = jax.jit(functools.partial(ops.routing_clusters, window=3))(mu, q, k)
     for c in range(2):
         np.testing.assert_array_equal(q_idx[0, 0, c], np.sort(np.argsort(-(qn @ m[c]))[:3]))
         np.testing.assert_array_equal(k_idx[0, 0, c], np.sort(np.argsort(-(kn @ m[c]))[:3]))
@@ -106,7 +108,8 @@ def test_routing_clusters_and_update_by_hand():
         if (assign == c).any():
             expected[c] = 0.7 * m[c] + 0.3 * x[assign == c].mean(0)
     expected = unit(expected)
-    np.testing.assert_allclose(ops.routing_update(mu, q, k, decay=0.7)[0], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(functools.partial(ops.routing_update, decay=0.7))(mu, q, k)[0], expected,
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_routing_update_finds_clusters():
@@ -116,10 +119,36 @@ def test_routing_update_finds_clusters():
     x = jnp.asarray(centers[np.arange(64) % 2][None, :, None] + noise, jnp.float32)
     # Start each centroid nearer one center (k-means cannot revive a centroid nothing is near).
     mu = jnp.asarray([[[0.8, 0.5, 0.3, 0.1], [0.3, -0.4, 0.8, 0.3]]], jnp.float32)
+    update = jax.jit(functools.partial(ops.routing_update, decay=0.5))
     for _ in range(20):
-        mu = ops.routing_update(mu, x, x, decay=0.5)
+        mu = update(mu, x, x)
     cos = np.asarray(mu[0]) @ centers.T  # [2 centroids, 2 centers]
     assert (cos.max(0) > 0.99).all() and (cos.max(1) > 0.99).all(), cos
+
+
+def test_routing_module_is_projections_op_and_update():
+    """The module's output is out(op(query(x), key(x), value(x), centroids)); a training call then
+    moves the centroids by routing_update, and they are not Params (an optimizer skips them)."""
+    from flax import nnx
+
+    from attnjax import nn
+
+    m = nn.RoutingAttention(2, 16, num_clusters=3, causal=True, decay=0.9, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(24), (1, 20, 16))
+    mu = m.centroids[...]
+
+    @nnx.jit
+    def run(m, x):
+        q, k, v = m.query(x), m.key(x), m.value(x)
+        expected = m.out(ops.routing_attention(q, k, v, mu, causal=True))
+        return m(x, update=True), expected, ops.routing_update(mu, q, k, decay=0.9)
+
+    y, expected, new_mu = run(m, x)
+    harness.assert_close(y, expected, 1e-6)
+    harness.assert_close(m.centroids[...], new_mu, 1e-6)
+    assert not jnp.allclose(m.centroids[...], mu)
+    assert len(jax.tree.leaves(nnx.state(m, nn.Centroids))) == 1
+    assert len(jax.tree.leaves(nnx.state(m, nnx.Param))) == 4  # the four projections' kernels
 
 
 # -- MoA ------------------------------------------------------------------------------------------
@@ -191,9 +220,12 @@ def test_hyper_exact_limits():
     """One block holding every key, or a sample of every key, is exact attention."""
     q, k, v = GQA.qkv(jax.random.key(17))
     key = jax.random.key(18)
-    exact = ops.attention(q, k, v, implementation="reference")
-    harness.assert_close(ops.hyper_attention(q, k, v, key=key, block_size=37, sample_size=5), exact, 2e-5, "b >= S")
-    harness.assert_close(ops.hyper_attention(q, k, v, key=key, block_size=4, sample_size=37), exact, 2e-5, "m = S")
+    one_block, all_sampled, exact = jax.jit(lambda q, k, v: (
+        ops.hyper_attention(q, k, v, key=key, block_size=37, sample_size=5),
+        ops.hyper_attention(q, k, v, key=key, block_size=4, sample_size=37),
+        ops.attention(q, k, v, implementation="reference")))(q, k, v)
+    harness.assert_close(one_block, exact, 2e-5, "b >= S")
+    harness.assert_close(all_sampled, exact, 2e-5, "m = S")
 
 
 def test_hyper_error_falls_with_sample_size():
@@ -248,7 +280,8 @@ def test_landmark_grouped_softmax_by_hand():
             expected[p] = out
         f = lambda x: jnp.asarray(x, jnp.float32)
         for impl in ("reference",) if top_k else (None,):  # xla vs reference: the retrieval test
-            got = ops.landmark_attention(f(q), f(k), f(v), f(marks), block_size=3, top_k=top_k, scale=sc, implementation=impl)
+            got = jax.jit(functools.partial(ops.landmark_attention, block_size=3, top_k=top_k, scale=sc,
+                                            implementation=impl))(f(q), f(k), f(v), f(marks))
             np.testing.assert_allclose(np.asarray(got[0, :, 0]), expected, rtol=1e-5, atol=1e-6, err_msg=f"{impl} {top_k}")
 
 
