@@ -473,15 +473,15 @@ def moa(alpha, beta, sinks: int = 0) -> Mask:
 
     >>> from attnjax import masks
     >>> m = masks.moa(alpha=(1, 2), beta=(0.0, 0.25), sinks=1)
-    >>> m.spans(8)
-    (1, 4)
-    >>> m.materialize(6, 6, heads=2)[0, 1].astype(int)
+    >>> m.spans(6)  # floor(1 + 0 * 6), floor(2 + 0.25 * 6)
+    (1, 3)
+    >>> m.materialize(6, 6, heads=2)[0, 1].astype(int)  # head 1: key 0 (the sink) + 3 recent keys
     Array([[1, 0, 0, 0, 0, 0],
            [1, 1, 0, 0, 0, 0],
            [1, 1, 1, 0, 0, 0],
            [1, 1, 1, 1, 0, 0],
-           [1, 1, 1, 1, 1, 0],
-           [1, 0, 1, 1, 1, 1]], dtype=int32)
+           [1, 0, 1, 1, 1, 0],
+           [1, 0, 0, 1, 1, 1]], dtype=int32)
     """
     alpha = tuple(float(a) for a in alpha)
     beta = tuple(float(b) for b in beta)
