@@ -24,7 +24,8 @@ queries, first-half keys: unmasked) is the non-causal estimate above, merged wit
 half by log-sum-exp. ``O(T log T (b + m) D)``.
 
 Hashing, sorting and sampling are discrete and drawn from ``key``: gradients flow to q, k, v
-for the hashes and sample held fixed (they are computed under ``stop_gradient``). The reference
+for the hashes and sample held fixed (they are computed under ``stop_gradient``). Hashing is per
+query head, so grouped-query keys are copied per query head. The reference
 implementation computes the same estimate densely, from the same hashes and sample.
 
 Letter legend: B batch, T query length, S key length, H heads, K key/value heads, D head dim,

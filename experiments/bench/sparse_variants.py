@@ -1,7 +1,8 @@
 """Routed and sparse variants: the gathered/skipping path against the same computation done
 densely, as the sequence grows.
 
-    python -m experiments.bench.cpu sparse_variants           # T = 1K, 2K, 4K; ~3 min on 2 cores
+    python -m experiments.bench.cpu sparse_variants           # T = 1K, 2K, 4K; took 13 min on the shared
+                                                              # 2-core machine under load ~10
     python -m experiments.bench.cpu sparse_variants --quick   # T = 256, 512: a smoke test
 
 CPU, forward pass, float32, B=1, H=2, D=E=64. Per variant, each implementation runs in a fresh
