@@ -2,7 +2,7 @@
 
 * :class:`MultiHeadAttention`: projections, GQA, QK-norm, output gate and a KV cache around any
   attnjax op (``attention_fn=``);
-* :class:`AgentAttention`, :class:`MoHAttention`, :class:`MegaLayer`, :class:`MultiTokenAttention`, :class:`SelectiveAttention`,
+* :class:`AgentAttention`, :class:`MoHAttention`, :class:`RoutingAttention`, :class:`MegaLayer`, :class:`MultiTokenAttention`, :class:`SelectiveAttention`,
   :class:`MultiAxisAttention` /
   :class:`MaxViTBlock` (MaxViT), :class:`L2ViTBlockPair` (L2ViT): the modules of those papers;
 * :class:`TransformerBlock`: pre-norm or Hybrid-Norm residual block; :class:`QKNorm`,
@@ -25,9 +25,10 @@ from attnjax.nn.mega import MegaLayer
 from attnjax.nn.moh import MoHAttention
 from attnjax.nn.multi_token import MultiTokenAttention
 from attnjax.nn.selective import SelectiveAttention
+from attnjax.nn.routing import Centroids, RoutingAttention
 
 __all__ = [
-    "AgentAttention", "MultiHeadAttention", "MoHAttention", "TransformerBlock",
+    "AgentAttention", "MultiHeadAttention", "MoHAttention", "RoutingAttention", "Centroids", "TransformerBlock",
     "QKNorm", "LayerScale", "OutputGate", "Mlp",
     "flax_attention_fn", "DenseMask", "dense_mask", "combine_masks",
     "MegaLayer", "MultiAxisAttention", "MaxViTBlock", "MultiTokenAttention", "SelectiveAttention",

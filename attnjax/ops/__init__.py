@@ -6,6 +6,9 @@ legend. Every op takes ``implementation=None | "reference" | "xla" | "pallas"``.
 
 from attnjax.ops.agent import agent_attention, pool_agents_1d, pool_agents_2d
 from attnjax.ops.attention import attention, sigmoid_attention
+from attnjax.ops.biformer import biformer_attention, bilevel_routing
+from attnjax.ops.hyper import hyper_attention
+from attnjax.ops.landmark import landmark_attention
 from attnjax.ops.lightning import (
     lightning_attention,
     lightning_decode_step,
@@ -15,11 +18,13 @@ from attnjax.ops.lightning import (
 from attnjax.ops.linear import linear_attention
 from attnjax.ops.maxvit import block_attention, grid_attention
 from attnjax.ops.mega import damped_ema, ema_kernel, mega_attention
+from attnjax.ops.moa import moa_attention
 from attnjax.ops.moh import MoHOutput, moh_attention
 from attnjax.ops.multi_token import multi_token_attention
 from attnjax.ops.neighborhood import neighborhood_attention
 from attnjax.ops._common import Shard
 from attnjax.ops.selective import selective_attention, selective_temperature
+from attnjax.ops.routing import routing_attention, routing_clusters, routing_init, routing_update
 from attnjax.ops.xla import BlockSizes
 
 __all__ = [
@@ -33,4 +38,7 @@ __all__ = [
     "damped_ema", "ema_kernel", "mega_attention",
     "multi_token_attention",
     "selective_attention", "selective_temperature",
+    "biformer_attention", "bilevel_routing",
+    "routing_attention", "routing_clusters", "routing_init", "routing_update",
+    "moa_attention", "hyper_attention", "landmark_attention",
 ]
