@@ -272,6 +272,21 @@ def softmax_finish(m: Array, l: Array, acc: Array):
     return out, lse
 
 
+def merge(parts) -> tuple[Float[Array, "... E"], Float[Array, "..."]]:
+    """Merges partial attentions ``[(out [..., E], lse [...]), ...]`` (float32) over disjoint
+    key sets into ``(out, lse)`` of the union; a row with ``lse = -inf`` everywhere gives zeros."""
+    lses = jnp.stack([lse for _, lse in parts])
+    # The shift is only for range; it cancels, so no gradient needs to flow through it.
+    top = jax.lax.stop_gradient(lses.max(0))
+    top = jnp.where(jnp.isneginf(top), 0.0, top)
+    ws = jnp.exp(lses - top)  # [n, ...]; exactly 0 for lse = -inf
+    total = ws.sum(0)
+    safe = jnp.where(total == 0, 1.0, total)
+    out = sum(w[..., None] * o for w, (o, _) in zip(ws, parts)) / safe[..., None]
+    lse = jnp.where(total == 0, -jnp.inf, top + jnp.log(safe))
+    return out, lse
+
+
 def masked_logits(s: Array, ok: Array | None, fill: float) -> Array:
     return s if ok is None else jnp.where(ok, s, fill)
 

@@ -168,14 +168,13 @@ def biformer_attention(
 
 def _reference(q, k, v, routing, spatial, region, scale):
     """Dense attention with the mask ``allowed[t, s] = region(s) in routing[region(t)]``."""
-    from attnjax.nn.flax_adapter import dense_mask  # the dense-array mask lives with the Flax adapter
 
     B, n = routing.shape[:2]
     selected = jax.nn.one_hot(routing, n, dtype=jnp.int32).sum(2) > 0  # [B, n, n]
     ids = _region_ids(spatial, region)
     allowed = selected[:, ids][:, :, ids][:, None]  # [B, 1, T, S]
     flat = lambda x: x.reshape(x.shape[0], -1, *x.shape[-2:])
-    out = attention(flat(q), flat(k), flat(v), mask=dense_mask(allowed), scale=scale, implementation="reference")
+    out = attention(flat(q), flat(k), flat(v), mask=masks.dense(allowed), scale=scale, implementation="reference")
     return out.reshape(*q.shape[:-1], v.shape[-1])
 
 

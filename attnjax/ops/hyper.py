@@ -43,7 +43,7 @@ from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from attnjax import _checks, masks
-from attnjax.ops import _dispatch, _sparse
+from attnjax.ops import _common, _dispatch, _sparse
 from attnjax.ops.attention import Implementation, attention
 
 
@@ -108,7 +108,6 @@ def _causal_coeff(key, q, k, cfg):
 
 def _noncausal(key, q, k, v, cfg):
     """The estimate's ``(out [B, T, H, E] float32, lse [B, T, H])``, gathered."""
-    from attnjax.nn.flax_adapter import dense_mask
 
     B, T, H, D = q.shape
     S, E = k.shape[1], v.shape[-1]
@@ -134,9 +133,9 @@ def _noncausal(key, q, k, v, cfg):
     # Sampled part: every query against the m sampled keys outside its block, each worth S / m.
     pick = lambda x: jnp.take_along_axis(_heads(x, H), sample[..., None], axis=2).transpose(0, 2, 1, 3)
     outside = q_block[..., :, None] != jnp.take_along_axis(k_block, sample, axis=-1)[..., None, :]
-    o2, l2 = attention(q, pick(k), pick(v), mask=dense_mask(outside), scale=cfg.scale, return_lse=True,
+    o2, l2 = attention(q, pick(k), pick(v), mask=masks.dense(outside), scale=cfg.scale, return_lse=True,
                        implementation=_sparse.GROUP_IMPLEMENTATION)
-    return _sparse.merge([(o1, l1), (o2.astype(jnp.float32), l2 + math.log(S / m))])
+    return _common.merge([(o1, l1), (o2.astype(jnp.float32), l2 + math.log(S / m))])
 
 
 def _causal(key, q, k, v, cfg):
@@ -149,7 +148,7 @@ def _causal(key, q, k, v, cfg):
     o1, l1 = _causal(k_left, q[:, :t1], k[:, :t1], v[:, :t1], cfg)
     o2, l2 = _causal(k_right, q[:, t1:], k[:, t1:], v[:, t1:], cfg)
     o3, l3 = _noncausal(k_cross, q[:, t1:], k[:, :t1], v[:, :t1], cfg)
-    o2, l2 = _sparse.merge([(o2, l2), (o3, l3)])
+    o2, l2 = _common.merge([(o2, l2), (o3, l3)])
     return jnp.concatenate([o1, o2], axis=1), jnp.concatenate([l1, l2], axis=1)
 
 

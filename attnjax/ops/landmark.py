@@ -39,8 +39,8 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
 
-from attnjax import _checks
-from attnjax.ops import _dispatch, _sparse
+from attnjax import _checks, masks
+from attnjax.ops import _common, _dispatch, _sparse
 from attnjax.ops._common import scores
 from attnjax.ops.attention import Implementation, attention
 
@@ -114,7 +114,6 @@ def landmark_attention(
 
 
 def _reference(q, k, v, landmark_k, l, top_k, scale):
-    from attnjax.nn.flax_adapter import dense_mask
 
     T, S = q.shape[1], k.shape[1]
     n = landmark_k.shape[1]
@@ -128,7 +127,7 @@ def _reference(q, k, v, landmark_k, l, top_k, scale):
     local = (of_key[None, :] == pos // l) & (jnp.arange(S)[None, :] <= pos)  # [T, S]
     far = retrieved[..., of_key]  # [B, H, T, S]
     shift = jnp.where(far, (s_land - jnp.where(retrieved, block_lse, 0.0))[..., of_key], 0.0)
-    return attention(q, k, v, mask=dense_mask(far | local), bias=shift, scale=scale, implementation="reference")
+    return attention(q, k, v, mask=masks.dense(far | local), bias=shift, scale=scale, implementation="reference")
 
 
 def _retrieval(q, k, v, landmark_k, l, top_k, scale):
@@ -175,5 +174,5 @@ def _retrieval(q, k, v, landmark_k, l, top_k, scale):
     l_own = l_own.transpose(1, 2, 0, 3).reshape(B, H, nc * chunk)[:, :, :T]
     # The own block enters with its log-sum-exp, a retrieved block j with its landmark score.
     parts = [(o[:, :, :, 0], l_own)] + [(o[:, :, :, 1 + j], land[..., j]) for j in range(kk)]
-    out, _ = _sparse.merge(parts)
+    out, _ = _common.merge(parts)
     return out.transpose(0, 2, 1, 3).astype(q.dtype)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from attnjax import _checks
+from attnjax import _checks, masks
 from attnjax.ops import _dispatch, _sparse
 from attnjax.ops.attention import Implementation, attention
 
@@ -181,7 +181,6 @@ def _reference(q, k, v, q_idx, k_idx, causal, scale):
 
 
 def _gathered(q, k, v, q_idx, k_idx, causal, scale):
-    from attnjax.nn.flax_adapter import dense_mask
 
     B, T, H, D = q.shape
     S, E = k.shape[1], v.shape[-1]
@@ -195,7 +194,7 @@ def _gathered(q, k, v, q_idx, k_idx, causal, scale):
     mask = None
     if causal:
         ok = k_idx[..., None, :] <= q_idx[..., :, None] + (S - T)  # [B, H, C, wq, wk]
-        mask = dense_mask(ok.reshape(B * H * C, 1, wq, wk))
+        mask = masks.dense(ok.reshape(B * H * C, 1, wq, wk))
     out, lse = attention(qg, kg, vg, mask=mask, scale=scale, return_lse=True, implementation=_sparse.GROUP_IMPLEMENTATION)
     out = out.astype(jnp.float32).reshape(B * H, C * wq, E)
     lse = lse.reshape(B * H, C * wq)

@@ -44,7 +44,7 @@ from attnjax import _checks
 from attnjax.dropout import Dropout
 from attnjax.masks import Mask
 from attnjax.normalizers import as_normalizer
-from attnjax.ops import attention
+from attnjax.ops import _common, attention
 from attnjax.ops._common import Shard
 from attnjax.ops.xla import BlockSizes
 from attnjax.score_mods import as_score_mod
@@ -171,19 +171,8 @@ def _block(cfg: _Config, q, k, v, score_mod, normalizer, mask, dropout, offsets,
 
 def merge(a, b, softmax: bool = True):
     """Merges two partial attentions ``(out f32 [..., E], lse [...])`` over disjoint key sets:
-    by log-sum-exp for softmax (rows with no key keep ``-inf`` and zeros), by sum otherwise."""
-    (oa, la), (ob, lb) = a, b
-    if not softmax:
-        return oa + ob, la
-    # Written so that rows with no key on either side (both -inf) get finite gradients.
-    m = jnp.maximum(la, lb)
-    m = jnp.where(jnp.isneginf(m), 0.0, m)
-    wa, wb = jnp.exp(la - m), jnp.exp(lb - m)
-    total = wa + wb
-    some = total > 0
-    total = jnp.where(some, total, 1.0)
-    lse = jnp.where(some, m + jnp.log(total), -jnp.inf)
-    return (oa * wa[..., None] + ob * wb[..., None]) / total[..., None], lse
+    by log-sum-exp for softmax (:func:`attnjax.ops._common.merge`), by sum otherwise."""
+    return _common.merge([a, b]) if softmax else (a[0] + b[0], a[1])
 
 
 def _shift(tree, axis_name, size):
