@@ -49,8 +49,10 @@ def run_grid(variant_names, task_names, *, steps: int | None, out_dir: Path, ext
         ])
         print(f"[{i + 1}/{len(pairs)}] {t} / {v}: {n} steps", flush=True)
         s = train.run(cfg, quiet=True)
-        rows.append({k: s[k] for k in ("task", "variant", "steps", "valid_loss", "metric", "valid_metric",
-                                       "tokens_per_s", "parameters", "seconds")})
+        row = {k: s[k] for k in ("task", "variant", "steps", "valid_loss", "metric", "valid_metric",
+                                 "tokens_per_s", "parameters", "seconds")}
+        row["model"] = f"{cfg.layers} layers, width {cfg.width}, {cfg.heads} heads, batch {cfg.batch_size}"
+        rows.append(row)
         print("   " + train.one_line(s), flush=True)
     return rows
 
@@ -60,8 +62,8 @@ def markdown(rows: list[dict], record: dict) -> str:
     lines = [
         f"# Attention variants under one budget ({record['date'][:10]})", "",
         f"`{record['command']}` on {env['cpu']} ({env['cores']} cores, backend {env['backend']}, "
-        f"jax {env['versions']['jax']}). Same model (2 layers, width 64, 4 heads), data and steps for "
-        "every variant of a task; quality is the final validation loss (nats; lower is better) and the "
+        f"jax {env['versions']['jax']}). Same model, data and steps for every variant of a task "
+        f"({'; '.join(sorted({r['task'] + ': ' + r['model'] for r in rows}))}); quality is the final validation loss (nats; lower is better) and the "
         "task's metric; speed is training tokens/s after compilation. Small CPU budgets rank the "
         "variants early in training; they are not converged results.", "",
         "| task | variant | steps | valid loss | metric | tokens/s | parameters |",
