@@ -44,8 +44,8 @@ def run_grid(variant_names, task_names, *, steps: int | None, out_dir: Path, ext
     for i, (v, t) in enumerate(pairs):
         n = steps or STEPS[t]
         cfg = config.load(CONFIGS / f"{TASK_CONFIGS[t]}.py", [
-            f"variant={v}", f"steps={n}", f"eval_every={n}", f"warmup={max(1, n // 10)}", "checkpoint_every=0",
-            "plot=false", f"out_dir={out_dir / f'{t}-{v}'}", *extra,
+            f"variant={v}", f"steps={n}", f"eval_every={n}", f"warmup={max(1, n // 10)}",
+            "checkpoint_every=0", "plot=false", f"out_dir={out_dir / f'{t}-{v}'}", *extra,
         ])
         print(f"[{i + 1}/{len(pairs)}] {t} / {v}: {n} steps", flush=True)
         s = train.run(cfg, quiet=True)
@@ -59,11 +59,12 @@ def run_grid(variant_names, task_names, *, steps: int | None, out_dir: Path, ext
 
 def markdown(rows: list[dict], record: dict) -> str:
     env = record["environment"]
+    models = "; ".join(sorted({f"{r['task']}: {r['model']}" for r in rows}))
     lines = [
         f"# Attention variants under one budget ({record['date'][:10]})", "",
         f"`{record['command']}` on {env['cpu']} ({env['cores']} cores, backend {env['backend']}, "
         f"jax {env['versions']['jax']}). Same model, data and steps for every variant of a task "
-        f"({'; '.join(sorted({r['task'] + ': ' + r['model'] for r in rows}))}); quality is the final validation loss (nats; lower is better) and the "
+        f"({models}); quality is the final validation loss (nats; lower is better) and the "
         "task's metric; speed is training tokens/s after compilation. Small CPU budgets rank the "
         "variants early in training; they are not converged results.", "",
         "| task | variant | steps | valid loss | metric | tokens/s | parameters |",
@@ -107,10 +108,13 @@ def plot(rows: list[dict], path: Path) -> Path:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m experiments.compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(variants.VARIANTS))
+    parser = argparse.ArgumentParser(prog="python -m experiments.compare",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
+                        choices=list(variants.VARIANTS))
     parser.add_argument("--tasks", nargs="+", default=list(TASK_CONFIGS), choices=list(TASK_CONFIGS))
-    parser.add_argument("--steps", type=int, default=None, help="steps per run (default: per task, see STEPS)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="steps per run (default: per task, see STEPS)")
     parser.add_argument("--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="config overrides applied to every run")
     parser.add_argument("--quick", action="store_true", help="a few steps of a tiny model: a smoke test")
@@ -122,8 +126,8 @@ def main(argv=None) -> None:
         extra += ["layers=1", "width=32", "heads=2", "seq_len=64", "batch_size=8", "eval_batches=1"]
     with tempfile.TemporaryDirectory(prefix="attnjax-compare-") as tmp:
         rows = run_grid(args.variants, args.tasks, steps=args.steps, out_dir=Path(tmp), extra=extra)
-    path = common.save("compare", {"rows": rows, "summary": {f"{r['task']}/{r['variant']}": round(r["valid_loss"], 4)
-                                                             for r in rows}}, args)
+    summary = {f"{r['task']}/{r['variant']}": round(r["valid_loss"], 4) for r in rows}
+    path = common.save("compare", {"rows": rows, "summary": summary}, args)
 
 
     record = json.loads(path.read_text())

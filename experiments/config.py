@@ -71,10 +71,14 @@ def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not callable(getattr(module, "config", None)):
-        raise ValueError(f"config file {str(path)!r} must define config() returning an experiments.config.Config")
+        raise ValueError(
+            f"config file {str(path)!r} must define config() returning an experiments.config.Config"
+        )
     cfg = module.config()
     if not isinstance(cfg, Config):
-        raise TypeError(f"config() in {str(path)!r} must return an experiments.config.Config; got {type(cfg).__name__}")
+        raise TypeError(
+            f"config() in {str(path)!r} must return an experiments.config.Config; got {type(cfg).__name__}"
+        )
     return override(cfg, overrides)
 
 
@@ -131,11 +135,17 @@ def validate(cfg: Config, device_count: int) -> None:
         n *= size
     mesh = " x ".join(f"{a}={s}" for a, s in cfg.mesh_shape.items())
     if n > device_count or device_count % n:
-        raise ValueError(f"the mesh {mesh} has {n} devices, which does not divide the {device_count} available")
+        raise ValueError(
+            f"the mesh {mesh} has {n} devices, which does not divide the {device_count} available"
+        )
     batch_shards = cfg.mesh_data * cfg.mesh_fsdp
     if cfg.batch_size % batch_shards:
-        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by mesh_data * mesh_fsdp = {batch_shards}")
+        raise ValueError(
+            f"batch_size={cfg.batch_size} is not divisible by mesh_data * mesh_fsdp = {batch_shards}"
+        )
     if task.seq_len(cfg) % cfg.mesh_context:
-        raise ValueError(f"sequence length {task.seq_len(cfg)} is not divisible by mesh_context={cfg.mesh_context}")
+        raise ValueError(
+            f"sequence length {task.seq_len(cfg)} is not divisible by mesh_context={cfg.mesh_context}"
+        )
     if cfg.heads % cfg.mesh_tensor:
         raise ValueError(f"heads={cfg.heads} is not divisible by mesh_tensor={cfg.mesh_tensor}")

@@ -33,8 +33,10 @@ class Model(nnx.Module):
         for i in range(cfg.layers):
             spec = LayerSpec(C, cfg.heads, i, cfg.layers, task.causal, task.grid(cfg), cfg.implementation,
                              dict(cfg.variant_options), rngs, wrap)
-            blocks.append(nn.TransformerBlock(C, cfg.heads, attention=variant.build(spec), mlp_ratio=cfg.mlp_ratio,
-                                              rngs=rngs))
+            attention = variant.build(spec)
+            blocks.append(
+                nn.TransformerBlock(C, cfg.heads, attention=attention, mlp_ratio=cfg.mlp_ratio, rngs=rngs)
+            )
         self.blocks = nnx.List(blocks)
         self.norm = nnx.LayerNorm(C, rngs=rngs)
         self.head = nnx.Linear(C, task.num_outputs, rngs=rngs)

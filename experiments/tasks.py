@@ -71,7 +71,9 @@ def stdlib_corpus(max_bytes: int, valid_every: int = 10) -> tuple[np.ndarray, np
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.glob("*.py") if p.is_file())
     if len(files) < valid_every:
-        raise ValueError(f"found only {len(files)} .py files under {root}; the char-LM task needs the stdlib source")
+        raise ValueError(
+            f"found only {len(files)} .py files under {root}; the char-LM task needs the stdlib source"
+        )
     caps = {"train": max_bytes, "valid": max(max_bytes // valid_every, 1 << 16)}
     parts: dict[str, list[bytes]] = {"train": [], "valid": []}
     sizes = dict.fromkeys(parts, 0)
@@ -89,7 +91,8 @@ def _charlm_batch(cfg, rng, split):
     T = cfg.seq_len
     starts = rng.integers(0, len(data) - T - 1, size=cfg.batch_size)
     windows = np.stack([data[s : s + T + 1] for s in starts]).astype(np.int32)
-    return {"inputs": windows[:, :-1], "targets": windows[:, 1:], "weights": np.ones((cfg.batch_size, T), np.float32)}
+    weights = np.ones((cfg.batch_size, T), np.float32)
+    return {"inputs": windows[:, :-1], "targets": windows[:, 1:], "weights": weights}
 
 
 CHARLM = Task(
@@ -140,7 +143,7 @@ def _mqar_vocab(cfg) -> int:
 
 
 @functools.lru_cache(maxsize=1)
-def digits_split(valid_fraction: float = 0.2) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+def digits_split(valid_fraction: float = 0.2):
     """``((x_train, y_train), (x_valid, y_valid))``: scikit-learn's digits, pixels scaled to
     ``[0, 1]`` as ``[N, 64, 1]``, split by a fixed permutation."""
     try:
@@ -170,7 +173,8 @@ def _digits_valid(cfg):
     x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
     w = np.concatenate([np.ones(len(y), np.float32), np.zeros(pad, np.float32)])
     y = np.concatenate([y, np.zeros(pad, y.dtype)])
-    return [{"inputs": x[i : i + B], "targets": y[i : i + B], "weights": w[i : i + B]} for i in range(0, len(y), B)]
+    return [{"inputs": x[i : i + B], "targets": y[i : i + B], "weights": w[i : i + B]}
+            for i in range(0, len(y), B)]
 
 
 DIGITS = Task(

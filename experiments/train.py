@@ -40,8 +40,8 @@ def make_mesh(cfg) -> jax.sharding.Mesh:
     """The config's mesh over the first ``data * fsdp * tensor * context`` devices."""
     shape = cfg.mesh_shape
     n = math.prod(shape.values())
-    return jax.make_mesh(tuple(shape.values()), tuple(shape), axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
-                         devices=jax.devices()[:n])
+    auto = (jax.sharding.AxisType.Auto,) * len(shape)
+    return jax.make_mesh(tuple(shape.values()), tuple(shape), axis_types=auto, devices=jax.devices()[:n])
 
 
 def attention_wrapper(cfg, mesh):
@@ -81,8 +81,9 @@ def param_sharding(mesh, x) -> NamedSharding:
 
 
 def optimizer(cfg) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup, 1), max(cfg.steps, cfg.warmup + 1),
-                                                  end_value=cfg.lr * 0.1)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, max(cfg.warmup, 1), max(cfg.steps, cfg.warmup + 1), end_value=cfg.lr * 0.1
+    )
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
                        optax.adamw(schedule, weight_decay=cfg.weight_decay))
 
@@ -90,8 +91,9 @@ def optimizer(cfg) -> optax.GradientTransformation:
 def _checkpoints(cfg, directory: Path):
     import orbax.checkpoint as ocp
 
-    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, save_interval_steps=cfg.checkpoint_every,
-                                           create=True)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.keep_checkpoints, save_interval_steps=cfg.checkpoint_every, create=True
+    )
     return ocp.CheckpointManager(directory.resolve(), options=options)
 
 
@@ -111,7 +113,9 @@ def run(cfg: config_lib.Config, *, quiet: bool = False) -> dict:
     params = jax.device_put(params, jax.tree.map(lambda x: param_sharding(mesh, x), params))
     state = {"params": params, "opt": jax.jit(tx.init)(params), "step": jnp.zeros((), jnp.int32)}
     replicated = NamedSharding(mesh, P())
-    shardings = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated, state)
+    shardings = jax.tree.map(
+        lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated, state
+    )
     state = jax.device_put(state, shardings)
 
     def loss_fn(p, batch):
@@ -128,15 +132,16 @@ def run(cfg: config_lib.Config, *, quiet: bool = False) -> dict:
 
     example = task.train_batch(cfg, 0)
     b_shardings = {k: batch_sharding(mesh, v) for k, v in example.items()}
-    train_step = jax.jit(train_step, in_shardings=(shardings, b_shardings), out_shardings=(shardings, replicated),
-                         donate_argnums=0)
+    train_step = jax.jit(train_step, in_shardings=(shardings, b_shardings),
+                         out_shardings=(shardings, replicated), donate_argnums=0)
     eval_step = jax.jit(eval_step, in_shardings=(shardings["params"], b_shardings), out_shardings=replicated)
 
     manager = _checkpoints(cfg, out / "checkpoints") if cfg.checkpoint_every > 0 else None
     start = 0
     if manager is not None and manager.latest_step() is not None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        restored = manager.restore(manager.latest_step(), args=args)
         state = restored["state"]
         start = int(state["step"])
     log = ui.MetricsLog(out / "metrics.jsonl", resume_step=start if start else None)
@@ -152,13 +157,20 @@ def run(cfg: config_lib.Config, *, quiet: bool = False) -> dict:
             sums += np.array([float(x) for x in eval_step(params, b)])
         nll, correct, total = sums
         row = {"valid_loss": nll / max(total, 1.0)}
-        row["valid_metric"] = row["valid_loss"] / math.log(2) if task.metric == "bits/byte" else correct / max(total, 1)
+        bits = task.metric == "bits/byte"
+        row["valid_metric"] = row["valid_loss"] / math.log(2) if bits else correct / max(total, 1)
         return row
 
     t_begin = ui.clock()
     # Throughput counts the steps after the first (compiling) one, and not evaluation time.
     t_steady, steady_steps, eval_seconds = None, 0, 0.0
     pending: list = []
+
+    def throughput():
+        if not steady_steps:
+            return None
+        return steady_steps * tokens_per_step / (ui.clock() - t_steady - eval_seconds)
+
     last_valid: dict = {}
     for step in range(start, cfg.steps):
         batch = jax.device_put(task.train_batch(cfg, step), b_shardings)
@@ -175,7 +187,7 @@ def run(cfg: config_lib.Config, *, quiet: bool = False) -> dict:
         if log_now or eval_now:
             rows = [{"step": s, "loss": float(l)} for s, l in pending]
             pending = []
-            speed = steady_steps * tokens_per_step / (ui.clock() - t_steady - eval_seconds) if steady_steps else None
+            speed = throughput()
             rows[-1]["tokens_per_s"] = speed
             if eval_now:
                 t_eval = ui.clock()
@@ -187,9 +199,10 @@ def run(cfg: config_lib.Config, *, quiet: bool = False) -> dict:
                 bar.update(done, loss=rows[-1 - eval_now]["loss"], tokens_per_s=speed,
                            valid_loss=last_valid["valid_loss"] if eval_now else None)
         if manager is not None:
-            manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+            args = ocp.args.Composite(state=ocp.args.StandardSave(state))
+            manager.save(done, args=args, force=done == cfg.steps)
     jax.block_until_ready(state)
-    speed = steady_steps * tokens_per_step / (ui.clock() - t_steady - eval_seconds) if steady_steps else None
+    speed = throughput()
     if manager is not None:
         manager.wait_until_finished()
         manager.close()
@@ -203,14 +216,16 @@ def run(cfg: config_lib.Config, *, quiet: bool = False) -> dict:
         "name": cfg.name, "task": cfg.task, "variant": cfg.variant, "implementation": cfg.implementation,
         "steps": cfg.steps, "resumed_from": start,
         "final_train_loss": train_rows[-1]["loss"] if train_rows else None,
-        "valid_loss": last_valid["valid_loss"], "metric": task.metric, "valid_metric": last_valid["valid_metric"],
+        "valid_loss": last_valid["valid_loss"], "metric": task.metric,
+        "valid_metric": last_valid["valid_metric"],
         "tokens_per_s": speed,
         "seconds": seconds, "parameters": int(sum(x.size for x in jax.tree.leaves(state["params"]))),
         "mesh": cfg.mesh_shape, "devices": math.prod(cfg.mesh_shape.values()), "out_dir": str(out),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if cfg.plot:
-        ui.plot_curves(ui.read_jsonl(out / "metrics.jsonl"), out / "curves.png", f"{cfg.task} / {cfg.variant}")
+        rows = ui.read_jsonl(out / "metrics.jsonl")
+        ui.plot_curves(rows, out / "curves.png", f"{cfg.task} / {cfg.variant}")
     if not quiet:
         print(one_line(summary))
     return summary
@@ -219,13 +234,15 @@ def run(cfg: config_lib.Config, *, quiet: bool = False) -> dict:
 def one_line(s: dict) -> str:
     speed = f"{s['tokens_per_s'] / 1e3:.1f}k tokens/s" if s["tokens_per_s"] else "n/a tokens/s"
     metric = f"{s['metric']} {s['valid_metric']:.3f}"
-    return (f"{s['name']}: {s['task']}/{s['variant']} {s['steps']} steps, validation loss {s['valid_loss']:.4f} "
+    return (f"{s['name']}: {s['task']}/{s['variant']} {s['steps']} steps, "
+            f"validation loss {s['valid_loss']:.4f} "
             f"({metric}), {speed}, {ui.duration(s['seconds'])} -> {s['out_dir']}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="a file experiments/configs/<name>.py defining config()")
+    parser.add_argument("--config", required=True,
+                        help="a file experiments/configs/<name>.py defining config()")
     parser.add_argument("--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="change config keys, e.g. --override steps=50 variant=linear")
     args = parser.parse_args(argv)

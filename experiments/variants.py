@@ -115,8 +115,8 @@ def _neighborhood(spec):
                            implementation=spec.implementation)
     if spec.grid is not None:
         # Sharding the sequence of a grid would split rows; the mesh's wrapper sees 1-D sequences only.
-        return nn.MultiHeadAttention(spec.heads, spec.features, attention_fn=functools.partial(_on_grid, op, spec.grid),
-                                     rngs=spec.rngs)
+        grid_op = functools.partial(_on_grid, op, spec.grid)
+        return nn.MultiHeadAttention(spec.heads, spec.features, attention_fn=grid_op, rngs=spec.rngs)
     return _mha(spec, op, masked=False)
 
 
@@ -137,12 +137,14 @@ def _moh(spec):
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("softmax", _softmax, "Attention Is All You Need (Vaswani et al. 2017)"),
-    Variant("sigmoid", _sigmoid, "Theory, Analysis, and Best Practices for Sigmoid Self-Attention (Ramapuram et al. 2024)"),
+    Variant("sigmoid", _sigmoid,
+            "Theory, Analysis, and Best Practices for Sigmoid Self-Attention (Ramapuram et al. 2024)"),
     Variant("linear", _linear, "Transformers are RNNs (Katharopoulos et al. 2020)", options=("feature_map",)),
     Variant("lightning", _lightning, "Lightning Attention-2 (Qin et al. 2024)", bidirectional=False),
     Variant("neighborhood", _neighborhood, "Neighborhood Attention Transformer (Hassani et al. 2023)",
             options=("window",)),
-    Variant("agent", _agent, "Agent Attention (Han et al. 2024)", causal=False, options=("agents", "bias_size")),
+    Variant("agent", _agent, "Agent Attention (Han et al. 2024)", causal=False,
+            options=("agents", "bias_size")),
     Variant("moh", _moh, "MoH: Multi-Head Attention as Mixture-of-Head Attention (Jin et al. 2024)",
             options=("shared_heads", "top_k")),
 )}

@@ -29,7 +29,8 @@ def _losses(out_dir) -> list[float]:
     return [r["loss"] for r in ui.read_jsonl(Path(out_dir) / "metrics.jsonl") if "loss" in r]
 
 
-@pytest.mark.parametrize("name, variant", [("tiny_charlm", "softmax"), ("mqar", "linear"), ("digits", "agent")])
+@pytest.mark.parametrize("name, variant",
+                         [("tiny_charlm", "softmax"), ("mqar", "linear"), ("digits", "agent")])
 def test_each_task_trains(tmp_path, name, variant):
     cfg = _cfg(name, tmp_path, "steps=4", f"variant={variant}", "plot=true", "lr=1e-2")
     summary = train.run(cfg, quiet=True)
@@ -60,7 +61,8 @@ def test_bad_configs_fail_before_compiling(tmp_path, overrides, message):
 def test_overrides_parse_by_type_and_reject_unknown_keys():
     cfg = config.override(config.Config(), ["steps=7", "lr=0.5", "implementation=none", "plot=false",
                                             "task_options={'num_kv': 4}"])
-    assert (cfg.steps, cfg.lr, cfg.implementation, cfg.plot, cfg.task_options) == (7, 0.5, None, False, {"num_kv": 4})
+    got = (cfg.steps, cfg.lr, cfg.implementation, cfg.plot, cfg.task_options)
+    assert got == (7, 0.5, None, False, {"num_kv": 4})
     with pytest.raises(ValueError, match="unknown config key 'stpes'"):
         config.override(cfg, ["stpes=3"])
     with pytest.raises(ValueError, match="expected a int"):
@@ -96,7 +98,9 @@ def test_resume_after_sigkill_replays_the_same_losses(tmp_path):
                 os.kill(os.getpid(), signal.SIGKILL)
             return batch(self, cfg, step)
         tasks.Task.train_batch = dying
-        train.run(config.load({str(ROOT / 'experiments/configs/tiny_charlm.py')!r}, {[*TINY, *common, f'out_dir={killed.out_dir}']!r}), quiet=True)
+        cfg = config.load({str(ROOT / 'experiments/configs/tiny_charlm.py')!r},
+                          {[*TINY, *common, f'out_dir={killed.out_dir}']!r})
+        train.run(cfg, quiet=True)
     """)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, timeout=300)
@@ -110,6 +114,7 @@ def test_resume_after_sigkill_replays_the_same_losses(tmp_path):
 
 def test_sharded_mesh_matches_single_device(tmp_path):
     single = train.run(_cfg("tiny_charlm", tmp_path / "one", "steps=3"), quiet=True)
-    sharded = train.run(_cfg("tiny_charlm", tmp_path / "eight", "steps=3", "mesh_data=2", "mesh_fsdp=4"), quiet=True)
+    cfg = _cfg("tiny_charlm", tmp_path / "eight", "steps=3", "mesh_data=2", "mesh_fsdp=4")
+    sharded = train.run(cfg, quiet=True)
     assert sharded["devices"] == 8
     np.testing.assert_allclose(_losses(sharded["out_dir"]), _losses(single["out_dir"]), rtol=2e-5)
