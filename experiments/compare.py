@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -124,10 +125,12 @@ def main(argv=None) -> None:
     if args.quick:
         args.steps = args.steps or 3
         extra += ["layers=1", "width=32", "heads=2", "seq_len=64", "batch_size=8", "eval_batches=1"]
+    load_before = os.getloadavg()[0]  # a busy machine makes tokens/s noisy: say so in the record
     with tempfile.TemporaryDirectory(prefix="attnjax-compare-") as tmp:
         rows = run_grid(args.variants, args.tasks, steps=args.steps, out_dir=Path(tmp), extra=extra)
     summary = {f"{r['task']}/{r['variant']}": round(r["valid_loss"], 4) for r in rows}
-    path = common.save("compare", {"rows": rows, "summary": summary}, args)
+    load = {"before": load_before, "after": os.getloadavg()[0]}
+    path = common.save("compare", {"rows": rows, "summary": summary, "load_average": load}, args)
 
 
     record = json.loads(path.read_text())
