@@ -84,17 +84,17 @@ def test_batches_are_a_function_of_seed_and_step(tmp_path):
 
 
 def test_resume_after_sigkill_replays_the_same_losses(tmp_path):
-    common = ["steps=12", "checkpoint_every=2", "keep_checkpoints=2"]
+    common = ["steps=8", "checkpoint_every=2", "keep_checkpoints=2"]
     straight = train.run(_cfg("tiny_charlm", tmp_path / "straight", *common), quiet=True)
     killed = _cfg("tiny_charlm", tmp_path / "killed", *common)
-    # A child process trains the same run and SIGKILLs itself when it asks for batch 7, so the kill
+    # A child process trains the same run and SIGKILLs itself when it asks for batch 5, so the kill
     # lands mid-run whatever the machine's speed (an async checkpoint may be half written).
     script = textwrap.dedent(f"""
         import os, signal
         from experiments import config, tasks, train
         batch = tasks.Task.train_batch
         def dying(self, cfg, step):
-            if step == 7:
+            if step == 5:
                 os.kill(os.getpid(), signal.SIGKILL)
             return batch(self, cfg, step)
         tasks.Task.train_batch = dying
@@ -105,9 +105,9 @@ def test_resume_after_sigkill_replays_the_same_losses(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, timeout=300)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
-    assert len(_losses(killed.out_dir)) < 12
+    assert len(_losses(killed.out_dir)) < 8
     resumed = train.run(killed, quiet=True)
-    assert resumed["resumed_from"] in (4, 6)
+    assert resumed["resumed_from"] in (2, 4)  # 4 unless the kill caught its async write
     np.testing.assert_allclose(_losses(killed.out_dir), _losses(straight["out_dir"]), rtol=1e-6)
     assert resumed["valid_loss"] == pytest.approx(straight["valid_loss"], rel=1e-6)
 
