@@ -2,7 +2,9 @@
 
 * :class:`MultiHeadAttention`: projections, GQA, QK-norm, output gate and a KV cache around any
   attnjax op (``attention_fn=``);
-* :class:`AgentAttention`, :class:`MoHAttention`: the modules of those papers;
+* :class:`AgentAttention`, :class:`MoHAttention`, :class:`MegaLayer`, :class:`MultiTokenAttention`, :class:`SelectiveAttention`,
+  :class:`MultiAxisAttention` /
+  :class:`MaxViTBlock` (MaxViT), :class:`L2ViTBlockPair` (L2ViT): the modules of those papers;
 * :class:`TransformerBlock`: pre-norm or Hybrid-Norm residual block; :class:`QKNorm`,
   :class:`LayerScale`, :class:`OutputGate`, :class:`Mlp` pieces;
 * :func:`flax_attention_fn`: any attnjax op as ``flax.nnx.MultiHeadAttention(attention_fn=...)``;
@@ -16,11 +18,18 @@ from attnjax.nn.agent import AgentAttention
 from attnjax.nn.attention import MultiHeadAttention, combine_masks
 from attnjax.nn.block import TransformerBlock
 from attnjax.nn.flax_adapter import DenseMask, dense_mask, flax_attention_fn
+from attnjax.nn.l2vit import L2ViTBlock, L2ViTBlockPair, LinearGlobalAttention, LocalConcentration
 from attnjax.nn.layers import LayerScale, Mlp, OutputGate, QKNorm
+from attnjax.nn.maxvit import MaxViTBlock, MultiAxisAttention
+from attnjax.nn.mega import MegaLayer
 from attnjax.nn.moh import MoHAttention
+from attnjax.nn.multi_token import MultiTokenAttention
+from attnjax.nn.selective import SelectiveAttention
 
 __all__ = [
     "AgentAttention", "MultiHeadAttention", "MoHAttention", "TransformerBlock",
     "QKNorm", "LayerScale", "OutputGate", "Mlp",
     "flax_attention_fn", "DenseMask", "dense_mask", "combine_masks",
+    "MegaLayer", "MultiAxisAttention", "MaxViTBlock", "MultiTokenAttention", "SelectiveAttention",
+    "LinearGlobalAttention", "LocalConcentration", "L2ViTBlock", "L2ViTBlockPair",
 ]

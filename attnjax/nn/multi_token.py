@@ -1,0 +1,84 @@
+"""The attention layer of "Multi-Token Attention" (Golovneva et al., 2025).
+
+Letter legend: B batch, T tokens, H heads, D head dim, C features.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
+from attnjax import _checks, masks, ops
+from attnjax.masks import Mask
+from attnjax.nn.attention import check_module_mask
+
+
+class MultiTokenAttention(nnx.Module):
+    r"""Multi-token attention with learned key-query kernels, head mixing and per-head norm.
+
+    .. math::
+
+        O = \mathrm{MTA}(x W_Q, x W_K, x W_V;\ \theta, W), \qquad
+        y = \mathrm{GroupNorm}_H(O)\, W_O
+
+    ``MTA`` is :func:`attnjax.ops.multi_token_attention` (key-query convolution ``theta``
+    ``[H, c_q, c_k]``, head mixing ``W`` over groups of ``head_group`` heads). Both start as the
+    identity, so a fresh layer is plain attention followed by the norm. The per-head norm is an
+    RMS norm over each head's ``D`` features (the paper's group normalization, without its
+    depth-dependent scaling). Causal by default.
+
+    >>> import jax
+    >>> from flax import nnx
+    >>> from attnjax import nn
+    >>> m = nn.MultiTokenAttention(4, 16, kernel=(3, 5), head_group=2, rngs=nnx.Rngs(0))
+    >>> m(jax.random.normal(jax.random.key(0), (2, 10, 16))).shape
+    (2, 10, 16)
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        in_features: int,
+        *,
+        kernel: tuple[int, int] = (6, 11),
+        head_group: int | None = 2,
+        qkv_features: int | None = None,
+        mask: Mask | None = masks.causal(),
+        use_bias: bool = False,
+        implementation=None,
+        dtype=None,
+        rngs: nnx.Rngs,
+    ):
+        H = _checks.positive_int("num_heads", num_heads)
+        C = _checks.positive_int("in_features", in_features)
+        qkv = _checks.positive_int("qkv_features", qkv_features or C)
+        if qkv % H:
+            raise ValueError(f"qkv_features={qkv} must be divisible by num_heads={H}")
+        cq, ck = (_checks.positive_int(f"kernel[{i}]", c) for i, c in enumerate(kernel))
+        self.in_features, self.mask, self.implementation = C, check_module_mask(mask), implementation
+        lin = lambda: nnx.LinearGeneral(C, (H, qkv // H), use_bias=use_bias, dtype=dtype, rngs=rngs)
+        self.query, self.key, self.value = lin(), lin(), lin()
+        self.out = nnx.LinearGeneral((H, qkv // H), C, axis=(-2, -1), use_bias=use_bias, dtype=dtype, rngs=rngs)
+        # Identity kernel: weight 1 on the query itself (offset 0) and the key itself (centre).
+        self.kernel = nnx.Param(jnp.zeros((H, cq, ck), jnp.float32).at[:, 0, ck // 2].set(1.0))
+        if head_group is None:
+            self.head_mix = nnx.data(None)
+        else:
+            ch = _checks.positive_int("head_group", head_group)
+            if H % ch:
+                raise ValueError(f"head_group={ch} must divide num_heads={H}")
+            self.head_mix = nnx.Param(jnp.tile(jnp.eye(ch, dtype=jnp.float32), (H // ch, 1, 1)))
+        self.norm = nnx.RMSNorm(qkv // H, dtype=dtype, rngs=rngs)
+
+    def attend(self, q: Array, k: Array, v: Array) -> Array:
+        """The op on projected ``[B, T, H, D]`` tensors, with this layer's kernel and mixing."""
+        mix = None if self.head_mix is None else self.head_mix[...]
+        return ops.multi_token_attention(q, k, v, kernel=self.kernel[...], head_mix=mix, mask=self.mask,
+                                         implementation=self.implementation)
+
+    def __call__(self, x: Float[Array, "B T C"]) -> Float[Array, "B T C"]:
+        if x.ndim != 3 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have shape [batch, seq, in_features={self.in_features}]; got {x.shape}")
+        o = self.attend(self.query(x), self.key(x), self.value(x))
+        return self.out(self.norm(o))
