@@ -5,6 +5,8 @@ Letter legend: B batch, T tokens, C width, F input features.
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 import optax
 from flax import nnx
@@ -20,7 +22,7 @@ class Model(nnx.Module):
     mean-pooled logits for classification. Returns ``(logits, aux_loss)`` (``aux_loss`` is the
     summed auxiliary loss of the attention layers, 0 for most variants)."""
 
-    def __init__(self, cfg, task, *, wrap=lambda op: op, rngs: nnx.Rngs):
+    def __init__(self, cfg, task, *, bind=functools.partial, rngs: nnx.Rngs):
         C, T = cfg.width, task.seq_len(cfg)
         self.per_token = task.per_token
         if task.vocab_size is not None:
@@ -32,7 +34,7 @@ class Model(nnx.Module):
         blocks = []
         for i in range(cfg.layers):
             spec = LayerSpec(C, cfg.heads, i, cfg.layers, task.causal, task.grid(cfg), cfg.implementation,
-                             dict(cfg.variant_options), rngs, wrap)
+                             dict(cfg.variant_options), rngs, bind)
             attention = variant.build(spec)
             blocks.append(
                 nn.TransformerBlock(C, cfg.heads, attention=attention, mlp_ratio=cfg.mlp_ratio, rngs=rngs)

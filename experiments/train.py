@@ -7,7 +7,8 @@ flax.nnx for the model, optax for the optimizer, orbax for checkpoints (periodic
 and a device mesh with axes ``data``, ``fsdp``, ``tensor`` and ``context`` from the config:
 batches are sharded over ``data`` x ``fsdp`` (and their sequence over ``context``), parameters
 and optimizer state over ``fsdp``, and the attention call goes through
-``attnjax.parallel.shard_op`` when ``tensor`` or ``context`` is larger than 1.
+``attnjax.parallel.shard_op`` when ``tensor`` or ``context`` is larger than 1 (see
+:func:`attention_binder`).
 
 Batch ``step`` is a pure function of ``(seed, step)``, so a resumed run sees exactly the
 batches the uninterrupted run would have seen. A run writes ``out_dir/metrics.jsonl`` (one row
@@ -18,6 +19,7 @@ one-line summary with the validation loss.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -30,42 +32,32 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from attnjax import parallel
 from experiments import config as config_lib, tasks, ui
 from experiments.model import Model, loss_and_metrics
 
-BATCH_AXES = ("data", "fsdp")
 
 
 def make_mesh(cfg) -> jax.sharding.Mesh:
     """The config's mesh over the first ``data * fsdp * tensor * context`` devices."""
-    shape = cfg.mesh_shape
-    n = math.prod(shape.values())
-    auto = (jax.sharding.AxisType.Auto,) * len(shape)
-    return jax.make_mesh(tuple(shape.values()), tuple(shape), axis_types=auto, devices=jax.devices()[:n])
+    return parallel.make_mesh(cfg.mesh_shape, devices=jax.devices()[: math.prod(cfg.mesh_shape.values())])
 
 
-def attention_wrapper(cfg, mesh):
-    """``op -> op`` placing attention on the mesh: ``attnjax.parallel.shard_op`` when heads
-    (``tensor``) or the sequence (``context``) are sharded; otherwise the op itself (batch
+def attention_binder(cfg, mesh):
+    """``(op, **kwargs) -> attention_fn`` placing attention on the mesh: through
+    ``attnjax.parallel.shard_op`` (ring attention, state passing or halo exchange over
+    ``context``; heads over ``tensor``) when either is sharded; otherwise the op itself (batch
     sharding needs nothing: every op is pure JAX under ``jax.jit``)."""
     if cfg.mesh_tensor == 1 and cfg.mesh_context == 1:
-        return lambda op: op
-    try:
-        from attnjax import parallel
-    except ImportError:
-        raise NotImplementedError(
-            "mesh_tensor > 1 or mesh_context > 1 needs attnjax.parallel (context parallelism), which this "
-            "checkout does not have yet; use mesh_data / mesh_fsdp"
-        ) from None
-    return lambda op: parallel.shard_op(op, mesh)
+        return functools.partial
+    return lambda op, **kwargs: functools.partial(parallel.shard_op(op, mesh), **kwargs)
 
 
 def batch_sharding(mesh, x: np.ndarray) -> NamedSharding:
-    """Batch axis over data x fsdp; the sequence axis (of per-token arrays) over context."""
-    spec = [BATCH_AXES] + ([None] * (x.ndim - 1))
-    if x.ndim >= 2:
-        spec[1] = "context"
-    return NamedSharding(mesh, P(*spec))
+    """Batch axis over data x fsdp; the sequence axis (of per-token arrays) over context: the
+    logical axes of ``attnjax.parallel.DEFAULT_RULES``, as ``shard_op`` expects them."""
+    names = ("batch", "sequence", *([None] * (x.ndim - 2)))[: x.ndim]
+    return parallel.sharding(mesh, names)
 
 
 def param_sharding(mesh, x) -> NamedSharding:
@@ -106,7 +98,7 @@ def run(cfg: config_lib.Config, *, quiet: bool = False) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(cfg)
-    model = Model(cfg, task, wrap=attention_wrapper(cfg, mesh), rngs=nnx.Rngs(cfg.seed))
+    model = Model(cfg, task, bind=attention_binder(cfg, mesh), rngs=nnx.Rngs(cfg.seed))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = optimizer(cfg)
 
@@ -249,8 +241,7 @@ def main(argv=None) -> int:
     try:  # a bad config is reported in one line, before anything compiles
         cfg = config_lib.load(args.config, args.override)
         config_lib.validate(cfg, jax.device_count())
-        attention_wrapper(cfg, None)
-    except (ValueError, TypeError, NotImplementedError) as e:
+    except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run(cfg)

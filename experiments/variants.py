@@ -6,9 +6,11 @@ arguments (causality, decay slopes, window, agents). The variant (what attention
 ``implementation`` (which code path computes it: ``"xla"``, ``"reference"``, ``"pallas"``) are
 separate config keys.
 
-Every op-based variant calls its op through :attr:`LayerSpec.wrap`, the one place where the
-training loop's device mesh enters the attention call (``attnjax.parallel.shard_op`` when the
-sequence or heads are sharded, the identity otherwise).
+Every op-based variant binds its op through :attr:`LayerSpec.bind`, the one place where the
+training loop's device mesh enters the attention call: ``bind(op, **kwargs)`` is
+``functools.partial(op, **kwargs)`` on one device or a batch-sharded mesh, and
+``functools.partial(attnjax.parallel.shard_op(op, mesh), **kwargs)`` when heads or the sequence
+are sharded (``shard_op`` recognises the bare op, so options go in as keyword arguments).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class LayerSpec:
     implementation: str | None
     options: dict
     rngs: nnx.Rngs
-    wrap: Callable = lambda op: op          # op -> op that runs on the mesh
+    bind: Callable = functools.partial      # (op, **kwargs) -> attention_fn, placed on the mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +65,9 @@ class Variant:
 
 
 def _mha(spec: LayerSpec, op: Callable, *, masked: bool = True) -> nn.MultiHeadAttention:
-    """``nn.MultiHeadAttention`` around ``op`` (with the causal mask when the task needs one)."""
+    """``nn.MultiHeadAttention`` around a bound op (with the causal mask when the task needs one)."""
     return nn.MultiHeadAttention(
-        spec.heads, spec.features, attention_fn=spec.wrap(op),
+        spec.heads, spec.features, attention_fn=op,
         mask=masks.causal() if masked and spec.causal else None, rngs=spec.rngs,
     )
 
@@ -89,32 +91,31 @@ class _GridInput(nnx.Module):
 
 
 def _softmax(spec):
-    return _mha(spec, functools.partial(ops.attention, implementation=spec.implementation))
+    return _mha(spec, spec.bind(ops.attention, implementation=spec.implementation))
 
 
 def _sigmoid(spec):
-    return _mha(spec, functools.partial(ops.sigmoid_attention, implementation=spec.implementation))
+    return _mha(spec, spec.bind(ops.sigmoid_attention, implementation=spec.implementation))
 
 
 def _linear(spec):
-    op = functools.partial(ops.linear_attention, is_causal=spec.causal, implementation=spec.implementation,
-                           feature_map=spec.options.get("feature_map", "elu1"))
+    op = spec.bind(ops.linear_attention, is_causal=spec.causal, implementation=spec.implementation,
+                   feature_map=spec.options.get("feature_map", "elu1"))
     return _mha(spec, op, masked=False)
 
 
 def _lightning(spec):
     # The paper's per-layer decay slopes: fast decay in early layers, slow in late ones.
     log_decay = -ops.lightning_layer_slopes(spec.heads, spec.layer, spec.num_layers)
-    op = functools.partial(ops.lightning_attention, log_decay=log_decay, implementation=spec.implementation)
+    op = spec.bind(ops.lightning_attention, log_decay=log_decay, implementation=spec.implementation)
     return _mha(spec, op, masked=False)
 
 
 def _neighborhood(spec):
     window = spec.options.get("window", 3 if spec.grid else 15)
-    op = functools.partial(ops.neighborhood_attention, kernel_size=window, is_causal=spec.causal,
-                           implementation=spec.implementation)
-    if spec.grid is not None:
-        # Sharding the sequence of a grid would split rows; the mesh's wrapper sees 1-D sequences only.
+    op = spec.bind(ops.neighborhood_attention, kernel_size=window, is_causal=spec.causal,
+                   implementation=spec.implementation)
+    if spec.grid is not None:  # on a mesh, the grid's rows are the sequence axis (halo exchange)
         grid_op = functools.partial(_on_grid, op, spec.grid)
         return nn.MultiHeadAttention(spec.heads, spec.features, attention_fn=grid_op, rngs=spec.rngs)
     return _mha(spec, op, masked=False)

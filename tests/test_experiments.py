@@ -1,5 +1,5 @@
 """experiments.train: each task trains, bad configs fail early, SIGKILL + resume replays the same
-losses, and a sharded mesh reproduces the single-device losses."""
+losses, and sharded meshes (data x fsdp, data x context) reproduce the single-device losses."""
 
 from __future__ import annotations
 
@@ -112,9 +112,13 @@ def test_resume_after_sigkill_replays_the_same_losses(tmp_path):
     assert resumed["valid_loss"] == pytest.approx(straight["valid_loss"], rel=1e-6)
 
 
-def test_sharded_mesh_matches_single_device(tmp_path):
+def test_sharded_meshes_match_single_device(tmp_path):
+    """8 simulated devices: data x fsdp (parameters sharded) and data x context (ring attention
+    through attnjax.parallel.shard_op) give the single-device losses."""
     single = train.run(_cfg("tiny_charlm", tmp_path / "one", "steps=3"), quiet=True)
-    cfg = _cfg("tiny_charlm", tmp_path / "eight", "steps=3", "mesh_data=2", "mesh_fsdp=4")
-    sharded = train.run(cfg, quiet=True)
-    assert sharded["devices"] == 8
-    np.testing.assert_allclose(_losses(sharded["out_dir"]), _losses(single["out_dir"]), rtol=2e-5)
+    for mesh in (["mesh_data=2", "mesh_fsdp=4"], ["mesh_data=2", "mesh_context=4"]):
+        cfg = _cfg("tiny_charlm", tmp_path / "-".join(mesh), "steps=3", *mesh)
+        sharded = train.run(cfg, quiet=True)
+        assert sharded["devices"] == 8
+        np.testing.assert_allclose(_losses(sharded["out_dir"]), _losses(single["out_dir"]), rtol=2e-5,
+                                   err_msg=str(mesh))
