@@ -48,6 +48,7 @@ class Variant:
     causal: bool = True                     # can run causally (language modelling)
     bidirectional: bool = True              # can run without a mask (classification)
     options: tuple[str, ...] = ()           # the keys of variant_options it reads
+    needs_grid: bool = False                # only for tasks whose tokens form a 2-D grid
 
     def check_task(self, task, cfg) -> None:
         """Raises ``ValueError`` if this variant cannot serve ``task`` (or gets unknown options)."""
@@ -58,6 +59,8 @@ class Variant:
             raise ValueError(f"variant {self.name!r} is causal only, so it cannot run the bidirectional task "
                              f"{task.name!r}; bidirectional variants: "
                              f"{', '.join(n for n, v in VARIANTS.items() if v.bidirectional)}")
+        if self.needs_grid and task.grid(cfg) is None:
+            raise ValueError(f"variant {self.name!r} works on 2-D grids; task {task.name!r} is a sequence")
         unknown = set(cfg.variant_options) - set(self.options)
         if unknown:
             raise ValueError(f"variant {self.name!r} takes variant_options {list(self.options)}; "
@@ -136,6 +139,33 @@ def _moh(spec):
                            rngs=spec.rngs)
 
 
+def _selective(spec):
+    return nn.SelectiveAttention(spec.heads, spec.features, mask=masks.causal() if spec.causal else None,
+                                 implementation=spec.implementation, rngs=spec.rngs)
+
+
+def _multi_token(spec):
+    kernel = tuple(spec.options.get("kernel", (6, 11)))
+    return nn.MultiTokenAttention(spec.heads, spec.features, kernel=kernel,
+                                  mask=masks.causal() if spec.causal else None,
+                                  implementation=spec.implementation, rngs=spec.rngs)
+
+
+def _mega(spec):
+    return nn.MegaLayer(spec.features, qk_dim=spec.features // spec.heads, is_causal=spec.causal,
+                        chunk_size=spec.options.get("chunk_size"), implementation=spec.implementation,
+                        rngs=spec.rngs)
+
+
+def _maxvit(spec):
+    # Alternate layers: block attention (local windows), then grid attention (dilated, global).
+    size = spec.options.get("size", 4)
+    kind = {"window": size} if spec.layer % 2 == 0 else {"grid": size}
+    module = nn.MultiAxisAttention(spec.heads, spec.features, implementation=spec.implementation, rngs=spec.rngs,
+                                   **kind)
+    return _GridInput(module, spec.grid)
+
+
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("softmax", _softmax, "Attention Is All You Need (Vaswani et al. 2017)"),
     Variant("sigmoid", _sigmoid,
@@ -148,6 +178,13 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             options=("agents", "bias_size")),
     Variant("moh", _moh, "MoH: Multi-Head Attention as Mixture-of-Head Attention (Jin et al. 2024)",
             options=("shared_heads", "top_k")),
+    Variant("selective", _selective, "Selective Attention: Enhancing Transformer through Principled "
+            "Context Control (Zhang et al. 2024)"),
+    Variant("multi_token", _multi_token, "Multi-Token Attention (Golovneva et al. 2025)", options=("kernel",)),
+    Variant("mega", _mega, "Mega: Moving Average Equipped Gated Attention (Ma et al. 2023)",
+            options=("chunk_size",)),
+    Variant("maxvit", _maxvit, "MaxViT: Multi-Axis Vision Transformer (Tu et al. 2022)", causal=False,
+            needs_grid=True, options=("size",)),
 )}
 
 

@@ -122,3 +122,33 @@ def test_sharded_meshes_match_single_device(tmp_path):
         assert sharded["devices"] == 8
         np.testing.assert_allclose(_losses(sharded["out_dir"]), _losses(single["out_dir"]), rtol=2e-5,
                                    err_msg=str(mesh))
+
+
+def test_every_variant_builds_for_the_tasks_it_fits():
+    """Each registered variant builds a model and traces its forward pass (shapes only, no
+    compile) on every task it declares it fits; a misfit is refused by name."""
+    import jax
+    from flax import nnx
+
+    from experiments import variants
+    from experiments.model import Model
+
+    fitted = 0
+    for name, variant in variants.VARIANTS.items():
+        for t in ("charlm", "digits"):
+            cfg = config.override(config.Config(), [f"task={t}", f"variant={name}", "layers=2", "width=16",
+                                                    "heads=2", "seq_len=16", "batch_size=2"])
+            task = tasks.get(t, cfg)
+            try:
+                variant.check_task(task, cfg)
+            except ValueError as e:
+                assert repr(name) in str(e)
+                continue
+            model = Model(cfg, task, rngs=nnx.Rngs(0))
+            graphdef, state = nnx.split(model)
+            inputs = task.train_batch(cfg, 0)["inputs"]
+            logits, aux = jax.eval_shape(lambda s: nnx.merge(graphdef, s)(inputs), state)
+            want = (2, 16, task.num_outputs) if task.per_token else (2, task.num_outputs)
+            assert logits.shape == want and aux.shape == (), name
+            fitted += 1
+    assert fitted >= 2 * len(variants.VARIANTS) - 4  # only lightning, agent, maxvit are one-sided
