@@ -161,8 +161,8 @@ def _maxvit(spec):
     # Alternate layers: block attention (local windows), then grid attention (dilated, global).
     size = spec.options.get("size", 4)
     kind = {"window": size} if spec.layer % 2 == 0 else {"grid": size}
-    module = nn.MultiAxisAttention(spec.heads, spec.features, implementation=spec.implementation, rngs=spec.rngs,
-                                   **kind)
+    module = nn.MultiAxisAttention(spec.heads, spec.features, implementation=spec.implementation,
+                                   rngs=spec.rngs, **kind)
     return _GridInput(module, spec.grid)
 
 
@@ -180,7 +180,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             options=("shared_heads", "top_k")),
     Variant("selective", _selective, "Selective Attention: Enhancing Transformer through Principled "
             "Context Control (Zhang et al. 2024)"),
-    Variant("multi_token", _multi_token, "Multi-Token Attention (Golovneva et al. 2025)", options=("kernel",)),
+    Variant("multi_token", _multi_token, "Multi-Token Attention (Golovneva et al. 2025)",
+            options=("kernel",)),
     Variant("mega", _mega, "Mega: Moving Average Equipped Gated Attention (Ma et al. 2023)",
             options=("chunk_size",)),
     Variant("maxvit", _maxvit, "MaxViT: Multi-Axis Vision Transformer (Tu et al. 2022)", causal=False,
