@@ -1,0 +1,151 @@
+"""Experiment configuration: one dataclass, one ``config()`` per file, ``--override key=value``.
+
+A config file (``experiments/configs/<name>.py``) defines ``config() -> Config``; its docstring says
+how to run it and what it costs (big_vision's convention). Overrides are parsed by the field's
+type: ``steps=50``, ``lr=1e-3``, ``implementation=none``, ``variant_options={'window': 9}``.
+Everything is checked by :func:`validate` before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import typing
+from pathlib import Path
+
+MESH_AXES = ("data", "fsdp", "tensor", "context")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every knob of a run. Attention ``variant`` and its ``implementation`` are separate keys."""
+
+    name: str = "run"
+    task: str = "charlm"                    # charlm | mqar | digits (experiments.tasks.TASKS)
+    variant: str = "softmax"                # any name in experiments.variants.VARIANTS
+    implementation: str | None = None       # the ops' implementation= ("xla", "reference", "pallas", None)
+    variant_options: dict = dataclasses.field(default_factory=dict)  # extra keyword arguments of the variant
+    # model
+    layers: int = 2
+    width: int = 64
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    # data
+    seq_len: int = 128
+    batch_size: int = 16
+    task_options: dict = dataclasses.field(default_factory=dict)     # e.g. {"max_bytes": 1 << 20}
+    seed: int = 0
+    # optimisation
+    steps: int = 200
+    lr: float = 3e-3
+    warmup: int = 20
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    aux_weight: float = 0.01                # weight of auxiliary losses (MoH load balance)
+    # evaluation, logging, checkpoints
+    eval_every: int = 100                   # also evaluated at the last step
+    eval_batches: int = 4
+    log_every: int = 10
+    checkpoint_every: int = 100             # 0: no checkpoints
+    keep_checkpoints: int = 2
+    out_dir: str = "runs/run"
+    plot: bool = True
+    # device mesh: the product of the four sizes must divide the number of devices
+    mesh_data: int = 1
+    mesh_fsdp: int = 1
+    mesh_tensor: int = 1
+    mesh_context: int = 1
+
+    @property
+    def mesh_shape(self) -> dict[str, int]:
+        return {a: getattr(self, f"mesh_{a}") for a in MESH_AXES}
+
+
+def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """Runs ``config()`` from the file at ``path`` and applies ``key=value`` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"_attnjax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "config", None)):
+        raise ValueError(
+            f"config file {str(path)!r} must define config() returning an experiments.config.Config"
+        )
+    cfg = module.config()
+    if not isinstance(cfg, Config):
+        raise TypeError(
+            f"config() in {str(path)!r} must return an experiments.config.Config; got {type(cfg).__name__}"
+        )
+    return override(cfg, overrides)
+
+
+def override(cfg: Config, overrides: typing.Sequence[str]) -> Config:
+    """``cfg`` with each ``key=value`` applied, the value parsed by the field's type."""
+    hints = typing.get_type_hints(Config)
+    changes = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ValueError(f"override {item!r} must look like key=value")
+        if key not in hints:
+            raise ValueError(f"unknown config key {key!r}; known keys: {', '.join(sorted(hints))}")
+        changes[key] = _parse(key, text.strip(), hints[key])
+    return dataclasses.replace(cfg, **changes)
+
+
+def _parse(key: str, text: str, kind):
+    optional = type(None) in typing.get_args(kind)
+    base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+    if optional and text.lower() in ("none", "null", ""):
+        return None
+    try:
+        if base is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1", "yes")
+        if base in (int, float, str):
+            return base(text)
+        value = ast.literal_eval(text)
+        if not isinstance(value, base):
+            raise ValueError(text)
+        return value
+    except (ValueError, SyntaxError):
+        raise ValueError(f"override {key}={text!r}: expected a {getattr(base, '__name__', base)}") from None
+
+
+def validate(cfg: Config, device_count: int) -> None:
+    """Raises ``ValueError`` for a config that cannot run: cheap checks, before any compiling."""
+    from experiments import tasks, variants
+
+    task = tasks.get(cfg.task, cfg)
+    variant = variants.get(cfg.variant)
+    variant.check_task(task, cfg)
+    for key in ("layers", "width", "heads", "seq_len", "batch_size", "steps", "eval_batches", "log_every",
+                "eval_every", "keep_checkpoints", *(f"mesh_{a}" for a in MESH_AXES)):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key} must be >= 1; got {getattr(cfg, key)}")
+    if cfg.width % cfg.heads:
+        raise ValueError(f"width={cfg.width} must be divisible by heads={cfg.heads}")
+    n = 1
+    for size in cfg.mesh_shape.values():
+        n *= size
+    mesh = " x ".join(f"{a}={s}" for a, s in cfg.mesh_shape.items())
+    if n > device_count or device_count % n:
+        raise ValueError(
+            f"the mesh {mesh} has {n} devices, which does not divide the {device_count} available"
+        )
+    batch_shards = cfg.mesh_data * cfg.mesh_fsdp
+    if cfg.batch_size % batch_shards:
+        raise ValueError(
+            f"batch_size={cfg.batch_size} is not divisible by mesh_data * mesh_fsdp = {batch_shards}"
+        )
+    if task.seq_len(cfg) % cfg.mesh_context:
+        raise ValueError(
+            f"sequence length {task.seq_len(cfg)} is not divisible by mesh_context={cfg.mesh_context}"
+        )
+    if cfg.heads % cfg.mesh_tensor:
+        raise ValueError(f"heads={cfg.heads} is not divisible by mesh_tensor={cfg.mesh_tensor}")
