@@ -66,6 +66,10 @@ class Tiles:
 
     ``q_lo``/``q_hi`` are ``[1, 1, nq, 1]``, ``kv_lo``/``kv_hi`` are ``[1, 1, 1, nk]``; the last
     tile of each axis is clipped to the sequence, so bounds are always valid positions.
+
+    ``q_len``/``kv_len`` are the lengths of the whole problem. A *window* tiles only a piece of
+    it (one shard's queries against one shard's keys, see :class:`attnjax.ops.Shard`): its
+    bounds are still positions in the whole problem, starting at the (possibly traced) offsets.
     """
 
     q_len: int
@@ -76,21 +80,35 @@ class Tiles:
     q_hi: Array
     kv_lo: Array
     kv_hi: Array
+    window: bool = False
 
     @classmethod
-    def make(cls, q_len: int, kv_len: int, block_q: int, block_k: int) -> "Tiles":
-        nq, nk = -(-q_len // block_q), -(-kv_len // block_k)
-        q_lo = jnp.arange(nq, dtype=jnp.int32) * block_q
-        kv_lo = jnp.arange(nk, dtype=jnp.int32) * block_k
-        q_hi = jnp.minimum(q_lo + block_q, q_len) - 1
-        kv_hi = jnp.minimum(kv_lo + block_k, kv_len) - 1
+    def make(cls, q_len: int, kv_len: int, block_q: int, block_k: int, window=None) -> "Tiles":
+        """Tiles of the whole ``[q_len, kv_len]`` problem, or of the piece
+        ``window = (q_start, q_count, kv_start, kv_count)`` of it."""
+        q_start, q_count, kv_start, kv_count = window or (0, q_len, 0, kv_len)
+        nq, nk = -(-q_count // block_q), -(-kv_count // block_k)
+        q_lo = q_start + jnp.arange(nq, dtype=jnp.int32) * block_q
+        kv_lo = kv_start + jnp.arange(nk, dtype=jnp.int32) * block_k
+        q_hi = jnp.minimum(q_lo + block_q, q_start + q_count) - 1
+        kv_hi = jnp.minimum(kv_lo + block_k, kv_start + kv_count) - 1
+        if window is not None:
+            # A shard's keys may stick out of the sequence (an edge device's halo): bound the real
+            # part of each tile (tiles wholly outside are the caller's to skip).
+            kv_lo, kv_hi = jnp.clip(kv_lo, 0, kv_len - 1), jnp.clip(kv_hi, 0, kv_len - 1)
         col = lambda x: x[None, None, :, None]
         row = lambda x: x[None, None, None, :]
-        return cls(q_len, kv_len, block_q, block_k, col(q_lo), col(q_hi), row(kv_lo), row(kv_hi))
+        return cls(q_len, kv_len, block_q, block_k, col(q_lo), col(q_hi), row(kv_lo), row(kv_hi),
+                   window is not None)
 
     @property
     def offset(self) -> int:
         return self.kv_len - self.q_len
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(nq, nk)``."""
+        return self.q_lo.shape[2], self.kv_lo.shape[3]
 
 
 class Mask:
@@ -104,14 +122,15 @@ class Mask:
 
     ``bounds(tiles, batch)`` returns ``(may_any, must_all)``: per tile, whether some entry *may*
     be allowed (an upper bound) and whether every entry is *certainly* allowed (a lower bound),
-    each broadcastable to ``[B, H, nq, nk]``.
+    each broadcastable to ``[B, H, nq, nk]``. The default evaluates the predicate on every entry
+    (exact, ``O(T * S)`` work); masks with a formula override it.
     """
 
     def predicate(self, q_len: int, kv_len: int, b, h, q_idx, kv_idx) -> Array:
         raise NotImplementedError
 
     def bounds(self, tiles: Tiles, batch: int) -> tuple[Array, Array]:
-        raise NotImplementedError
+        return evaluate_bounds(self, tiles, batch)
 
     def check(self, batch: int, heads: int, q_len: int, kv_len: int) -> None:
         """Raises ValueError if the mask's arrays do not fit these sizes."""
@@ -135,13 +154,14 @@ class Mask:
         return jnp.broadcast_to(allowed, shape)
 
     def block_map(
-        self, q_len: int, kv_len: int, block_q: int, block_k: int, *, batch: int = 1
+        self, q_len: int, kv_len: int, block_q: int, block_k: int, *, batch: int = 1, window=None
     ) -> Int8[Array, "b h nq nk"]:
-        """Tile classes (``EMPTY``/``PARTIAL``/``FULL``), ``[B or 1, H or 1, nq, nk]``."""
-        tiles = Tiles.make(q_len, kv_len, block_q, block_k)
+        """Tile classes (``EMPTY``/``PARTIAL``/``FULL``), ``[B or 1, H or 1, nq, nk]``, of the
+        whole problem or of ``window = (q_start, q_count, kv_start, kv_count)`` (see :class:`Tiles`)."""
+        tiles = Tiles.make(q_len, kv_len, block_q, block_k, window)
         may_any, must_all = self.bounds(tiles, batch)
         classes = jnp.where(may_any, jnp.where(must_all, FULL, PARTIAL), EMPTY).astype(jnp.int8)
-        nq, nk = tiles.q_lo.shape[2], tiles.kv_lo.shape[3]
+        nq, nk = tiles.shape
         return jnp.broadcast_to(classes, jnp.broadcast_shapes(classes.shape, (1, 1, nq, nk)))
 
 
@@ -160,6 +180,29 @@ def grid_indices(batch: int, heads: int, q_len: int, kv_len: int):
         ar(q_len)[None, None, :, None],
         ar(kv_len)[None, None, None, :],
     )
+
+
+def evaluate_bounds(mask: Mask, tiles: Tiles, batch: int, heads: int = 1):
+    """Exact ``(may_any, must_all)`` by evaluating ``mask.predicate`` on every entry, one tile row
+    at a time (``O(block_q * S)`` memory). ``heads > 1`` keeps per-head maps, for predicates that
+    depend on the head."""
+    (nq, nk), bq, bk = tiles.shape, tiles.block_q, tiles.block_k
+    b, h, _, _ = grid_indices(batch, heads, 1, 1)
+    kv_idx = (tiles.kv_lo[0, 0, 0][:, None] + jnp.arange(bk, dtype=jnp.int32)).reshape(1, 1, 1, nk * bk)
+    kv_valid = kv_idx <= jnp.repeat(tiles.kv_hi[0, 0, 0], bk)
+
+    def row(i):
+        q_idx = (tiles.q_lo[0, 0, i, 0] + jnp.arange(bq, dtype=jnp.int32))[None, None, :, None]
+        valid = (q_idx <= tiles.q_hi[0, 0, i, 0]) & kv_valid
+        allowed = mask.predicate(tiles.q_len, tiles.kv_len, b, h, q_idx, kv_idx)
+        allowed, valid = jnp.broadcast_arrays(allowed, valid)
+        split = lambda x: x.reshape(*x.shape[:-1], nk, bk)
+        allowed, valid = split(allowed), split(valid)
+        return (allowed & valid).any((-3, -1)), (allowed | ~valid).all((-3, -1))
+
+    may_any, must_all = jax.lax.map(row, jnp.arange(nq))  # [nq, B?, H?, nk]
+    move = lambda x: jnp.moveaxis(x, 0, -2)
+    return move(may_any), move(must_all)
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,14 +349,15 @@ class Document(Mask):
         return q_seg == kv_seg
 
     def bounds(self, tiles, batch):
-        def tile_range(seg, block, n_tiles):
-            pad = n_tiles * block - seg.shape[1]
-            # Edge padding repeats real ids, so the per-tile min/max stay those of real positions.
-            seg = jnp.pad(seg, ((0, 0), (0, pad)), mode="edge").reshape(seg.shape[0], n_tiles, block)
-            return seg.min(-1), seg.max(-1)  # [B, n]
+        def tile_range(seg, lo, hi, block):
+            # Positions of each tile, the clipped tail repeating the last real one, so the per-tile
+            # min/max are those of real positions.
+            pos = jnp.minimum(lo.reshape(-1, 1) + jnp.arange(block, dtype=jnp.int32), hi.reshape(-1, 1))
+            ids = seg[:, pos]  # [B, n, block]
+            return ids.min(-1), ids.max(-1)  # [B, n]
 
-        q_min, q_max = tile_range(self.q_segment_ids, tiles.block_q, tiles.q_lo.shape[2])
-        kv_min, kv_max = tile_range(self.kv_segment_ids, tiles.block_k, tiles.kv_lo.shape[3])
+        q_min, q_max = tile_range(self.q_segment_ids, tiles.q_lo, tiles.q_hi, tiles.block_q)
+        kv_min, kv_max = tile_range(self.kv_segment_ids, tiles.kv_lo, tiles.kv_hi, tiles.block_k)
         col = lambda x: x[:, None, :, None]
         row = lambda x: x[:, None, None, :]
         q_min, q_max, kv_min, kv_max = col(q_min), col(q_max), row(kv_min), row(kv_max)
@@ -342,26 +386,8 @@ class FromFn(Mask):
         return jnp.asarray(self.fn(b, h, q_idx, kv_idx), dtype=bool)
 
     def bounds(self, tiles, batch):
-        # An arbitrary predicate has no formula to reason with, so it is evaluated tile row by
-        # tile row: O(T*S) cheap comparisons, but only O(block_q*S) memory at a time. Heads are
-        # included only if the function depends on them (found from its output shape).
-        T, S, bq, bk = tiles.q_len, tiles.kv_len, tiles.block_q, tiles.block_k
-        nq, nk = tiles.q_lo.shape[2], tiles.kv_lo.shape[3]
-        b, h, _, _ = grid_indices(batch, self.heads, 1, 1)
-        kv_idx = jnp.arange(nk * bk, dtype=jnp.int32)[None, None, None, :]
-
-        def row(i):
-            q_idx = (i * bq + jnp.arange(bq, dtype=jnp.int32))[None, None, :, None]
-            valid = (q_idx < T) & (kv_idx < S)
-            allowed = self.predicate(T, S, b, h, q_idx, kv_idx)
-            allowed, valid = jnp.broadcast_arrays(allowed, valid)
-            split = lambda x: x.reshape(*x.shape[:-1], nk, bk)
-            allowed, valid = split(allowed), split(valid)
-            return (allowed & valid).any((-3, -1)), (allowed | ~valid).all((-3, -1))
-
-        may_any, must_all = jax.lax.map(row, jnp.arange(nq))  # [nq, B?, H?, nk]
-        move = lambda x: jnp.moveaxis(x, 0, -2)
-        return move(may_any), move(must_all)
+        # No formula to reason with: evaluate it (per head only if declared head-dependent).
+        return evaluate_bounds(self, tiles, batch, self.heads)
 
     def check(self, batch, heads, q_len, kv_len):
         if self.heads not in (1, heads):

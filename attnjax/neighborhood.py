@@ -43,7 +43,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax.masks import Mask, Tiles, _pytree  # noqa: F401  (Tiles: the bounds() contract)
+from attnjax.masks import Mask, Tiles, _pytree, evaluate_bounds  # noqa: F401  (Tiles: the bounds() contract)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +160,10 @@ class Neighborhood(Mask):
 
     def bounds(self, tiles: Tiles, batch: int):
         # Everything here is static (shapes, kernel sizes), so the classification is computed with
-        # numpy at trace time from the tiles' sizes: no traced work, whatever the caller's jit.
+        # numpy at trace time from the tiles' sizes: no traced work, whatever the caller's jit. A
+        # window (a shard, at traced offsets) is evaluated entry by entry instead.
+        if tiles.window:
+            return evaluate_bounds(self, tiles, batch)
         shape = self.spatial_shape
         t = tiles
         nq, nk = -(-t.q_len // t.block_q), -(-t.kv_len // t.block_k)
@@ -307,6 +310,8 @@ class TiledNeighborhood(Mask):
         return out
 
     def bounds(self, tiles: Tiles, batch: int):
+        if tiles.window:
+            return evaluate_bounds(self, tiles, batch)
         vol = math.prod(self.tile)
         nq, nk = -(-tiles.q_len // tiles.block_q), -(-tiles.kv_len // tiles.block_k)
         if tiles.block_q != vol or tiles.block_k != vol:

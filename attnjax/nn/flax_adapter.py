@@ -40,6 +40,8 @@ class DenseMask(Mask):
 
     def bounds(self, tiles, batch):
         a = self.allowed
+        if tiles.window:
+            return masks.evaluate_bounds(self, tiles, batch, a.shape[1])
         nq, nk = tiles.q_lo.shape[2], tiles.kv_lo.shape[3]
         bq, bk = tiles.block_q, tiles.block_k
         T, S = a.shape[2], a.shape[3]

@@ -15,10 +15,11 @@ from attnjax.ops.lightning import (
 from attnjax.ops.linear import linear_attention
 from attnjax.ops.moh import MoHOutput, moh_attention
 from attnjax.ops.neighborhood import neighborhood_attention
+from attnjax.ops._common import Shard
 from attnjax.ops.xla import BlockSizes
 
 __all__ = [
-    "attention", "sigmoid_attention", "BlockSizes",
+    "attention", "sigmoid_attention", "BlockSizes", "Shard",
     "agent_attention", "pool_agents_1d", "pool_agents_2d",
     "lightning_attention", "lightning_decode_step", "lightning_layer_slopes", "lightning_slopes",
     "linear_attention",

@@ -19,7 +19,7 @@ from jax import lax
 from jaxtyping import Array, Float
 
 from attnjax.dropout import Dropout
-from attnjax.masks import EMPTY, FULL, Mask, collapse
+from attnjax.masks import EMPTY, FULL, PARTIAL, Mask, _pytree, collapse
 from attnjax.normalizers import Normalizer
 from attnjax.score_mods import ScoreMod
 
@@ -41,10 +41,42 @@ class Dims:
         return self.heads // self.kv_heads
 
 
+@_pytree(data=("batch_offset", "head_offset", "q_offset", "kv_offset"),
+         meta=("batch", "heads", "q_len", "kv_len"))
+class Shard:
+    """Where a call's ``q``/``k``/``v`` sit inside a larger attention problem.
+
+    A sharded computation (``attnjax.parallel``) calls an op on pieces: a device's batch
+    elements and heads, its block of queries, the block of keys it holds at this step of a ring.
+    Given a ``Shard``, masks, score mods and dropout see the *global* sizes ``batch``, ``heads``,
+    ``q_len``, ``kv_len`` and the global indices ``offset + local index``, so every piece computes
+    exactly its part of the unsharded answer (same mask alignment, ALiBi distances, dropped
+    weights). Mask and score-mod arrays (segment ids, slopes, tables) are global, not sliced.
+    Offsets are int32 scalars and may be traced (e.g. from ``lax.axis_index``).
+    """
+
+    batch: int
+    heads: int
+    q_len: int
+    kv_len: int
+    batch_offset: Array
+    head_offset: Array
+    q_offset: Array
+    kv_offset: Array
+
+    @classmethod
+    def make(cls, *, batch: int, heads: int, q_len: int, kv_len: int,
+             batch_offset=0, head_offset=0, q_offset=0, kv_offset=0) -> "Shard":
+        """A shard of a problem with these global sizes, at these offsets (ints or int arrays)."""
+        i32 = lambda x: jnp.asarray(x, jnp.int32)
+        return cls(batch, heads, q_len, kv_len, i32(batch_offset), i32(head_offset), i32(q_offset),
+                   i32(kv_offset))
+
+
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    """Everything but the arrays: what to compute. ``mask``/``score_mod``/``normalizer`` are
-    pytrees (their arrays may be traced); the rest is static."""
+    """Everything but the arrays: what to compute. ``mask``/``score_mod``/``normalizer`` and
+    ``shard`` are pytrees (their arrays may be traced); the rest is static."""
 
     dims: Dims
     scale: float
@@ -52,6 +84,18 @@ class Problem:
     score_mod: ScoreMod | None
     normalizer: Normalizer
     dropout: Dropout | None = None
+    shard: Shard | None = None
+
+    @property
+    def lengths(self) -> tuple[int, int]:
+        """``(q_len, kv_len)`` of the whole problem (the global ones for a shard)."""
+        if self.shard is None:
+            return self.dims.q_len, self.dims.kv_len
+        return self.shard.q_len, self.shard.kv_len
+
+    @property
+    def global_batch(self) -> int:
+        return self.dims.batch if self.shard is None else self.shard.batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +121,25 @@ def tile_plan(problem: Problem, block_q: int, block_k: int):
         nq, nk = (d.q_len + t_pad) // block_q, (d.kv_len + s_pad) // block_k
         classes = jnp.full((1, 1, nq, nk), FULL, jnp.int8)
     else:
-        classes = problem.mask.block_map(d.q_len, d.kv_len, block_q, block_k, batch=d.batch)
-    return collapse(classes, pad_kv=s_pad > 0), t_pad, s_pad
+        sh = problem.shard
+        window = None if sh is None else (sh.q_offset, d.q_len, sh.kv_offset, d.kv_len)
+        classes = problem.mask.block_map(*problem.lengths, block_q, block_k,
+                                         batch=problem.global_batch, window=window)
+    classes = collapse(classes, pad_kv=s_pad > 0)
+    if problem.shard is not None:
+        classes = _outside_keys(classes, problem.shard, block_k, d.kv_len)
+    return classes, t_pad, s_pad
+
+
+def _outside_keys(classes, shard: Shard, block_k: int, kv_count: int):
+    """A shard's keys may stick out of the global sequence (the zero-filled halo of a device at
+    the edge): tiles entirely outside become EMPTY, tiles partly outside at most PARTIAL."""
+    lo = shard.kv_offset + jnp.arange(classes.shape[1], dtype=jnp.int32) * block_k
+    hi = jnp.minimum(lo + block_k, shard.kv_offset + kv_count) - 1
+    outside = (hi < 0) | (lo >= shard.kv_len)
+    straddles = ~outside & ((lo < 0) | (hi >= shard.kv_len))
+    classes = jnp.where(outside[None, :], EMPTY, classes)
+    return jnp.where(straddles[None, :] & (classes == FULL), PARTIAL, classes).astype(jnp.int8)
 
 
 def compact(classes: Array):
@@ -117,26 +178,31 @@ def weighted_values(w: Float[Array, "B H t s"], v: Float[Array, "B s K E"]) -> A
     return out.reshape(B, H, t, v.shape[-1])
 
 
-def index_arrays(dims: Dims, q_idx: Array, kv_idx: Array, bh=None):
-    """Broadcasting index arrays ``b, h, q, kv`` for a tile with the given positions.
+def index_arrays(problem: Problem, q_idx: Array, kv_idx: Array, bh=None):
+    """Broadcasting global index arrays ``b, h, q, kv`` for a tile at local positions
+    ``q_idx``/``kv_idx`` (shifted by the problem's :class:`Shard` offsets, if any).
 
     ``bh=(b, h)`` gives scalar batch/head indices (a kernel instance's program ids); by default
     every batch element and head is covered.
     """
+    d = problem.dims
     if bh is None:
-        b = jnp.arange(dims.batch, dtype=jnp.int32)[:, None, None, None]
-        h = jnp.arange(dims.heads, dtype=jnp.int32)[None, :, None, None]
+        b = jnp.arange(d.batch, dtype=jnp.int32)[:, None, None, None]
+        h = jnp.arange(d.heads, dtype=jnp.int32)[None, :, None, None]
     else:
         b, h = (jnp.reshape(x, (1, 1, 1, 1)).astype(jnp.int32) for x in bh)
-    return b, h, q_idx[None, None, :, None], kv_idx[None, None, None, :]
+    q, kv = q_idx[None, None, :, None], kv_idx[None, None, None, :]
+    sh = problem.shard
+    if sh is not None:
+        b, h, q, kv = b + sh.batch_offset, h + sh.head_offset, q + sh.q_offset, kv + sh.kv_offset
+    return b, h, q, kv
 
 
 def modify(problem: Problem, score_mod: ScoreMod | None, s: Array, q_idx, kv_idx, bh=None) -> Array:
     """Applies ``score_mod`` to float32 scores ``s`` (``[B|1, H|1, t, s]``)."""
     if score_mod is None:
         return s
-    d = problem.dims
-    return score_mod(d.q_len, d.kv_len, s, *index_arrays(d, q_idx, kv_idx, bh))
+    return score_mod(*problem.lengths, s, *index_arrays(problem, q_idx, kv_idx, bh))
 
 
 def logits(
@@ -160,19 +226,20 @@ def logits(
 
 def allowed(problem: Problem, q_idx: Array, kv_idx: Array, bh=None) -> Array:
     """Which entries of a tile are attended: the mask, and keys inside the real sequence."""
-    d = problem.dims
-    b, h, qi, ki = index_arrays(d, q_idx, kv_idx, bh)
-    valid = ki < d.kv_len
+    valid = kv_idx[None, None, None, :] < problem.dims.kv_len
+    indices = index_arrays(problem, q_idx, kv_idx, bh)
+    if problem.shard is not None:  # a shard's keys may stick out of the global sequence
+        valid = valid & (indices[3] >= 0) & (indices[3] < problem.shard.kv_len)
     if problem.mask is None:
         return valid
-    return valid & problem.mask.predicate(d.q_len, d.kv_len, b, h, qi, ki)
+    return valid & problem.mask.predicate(*problem.lengths, *indices)
 
 
 def dropout_scale(problem: Problem, q_idx: Array, kv_idx: Array, bh=None) -> Array | None:
     """``keep / (1 - rate)`` for a tile, or None without dropout."""
     if problem.dropout is None:
         return None
-    return problem.dropout.scale(*index_arrays(problem.dims, q_idx, kv_idx, bh))
+    return problem.dropout.scale(*index_arrays(problem, q_idx, kv_idx, bh))
 
 
 def _dropped(w: Array, zs: Array | None) -> Array:

@@ -13,7 +13,7 @@ from attnjax.dropout import Dropout
 from attnjax.masks import Mask
 from attnjax.normalizers import Normalizer, as_normalizer
 from attnjax.ops import _dispatch, reference, xla
-from attnjax.ops._common import Dims, Problem
+from attnjax.ops._common import Dims, Problem, Shard
 from attnjax.ops.xla import BlockSizes
 from attnjax.score_mods import ScoreMod, as_score_mod
 
@@ -36,6 +36,7 @@ def attention(
     dropout_key: PRNGKeyArray | None = None,
     implementation: Implementation = None,
     block_sizes: BlockSizes | None = None,
+    shard: Shard | None = None,
 ) -> Float[Array, "B T H E"] | tuple[Float[Array, "B T H E"], Float[Array, "B T H"]]:
     r"""Attention with a composable mask, score mod and normalizer.
 
@@ -73,6 +74,9 @@ def attention(
         ``"xla"`` (blockwise, memory ``O(T * block)``, skips empty tiles), ``"pallas"``, or a
         sequence of them tried in order.
       block_sizes: tile sizes for the blockwise implementations.
+      shard: for sharded computations (:mod:`attnjax.parallel`): says that ``q``/``k``/``v`` are
+        a piece of a larger problem, so masks, score mods, dropout and the sigmoid's ``-log S``
+        use global sizes and positions (see :class:`attnjax.ops.Shard`).
 
     Returns:
       ``[B, T, H, E]`` in ``q.dtype``, and the log-sum-exp if ``return_lse``.
@@ -87,7 +91,7 @@ def attention(
     >>> out.shape, bool(jnp.allclose(out, ref, atol=1e-5))
     ((2, 10, 4, 8), True)
     """
-    problem = _problem(q, k, v, mask, score_mod, bias, normalizer, sigmoid_bias, scale)
+    problem = _problem(q, k, v, mask, score_mod, bias, normalizer, sigmoid_bias, scale, shard)
     if dropout_rate != 0.0 or dropout_key is not None:
         problem = dataclasses.replace(problem, dropout=Dropout.make(dropout_rate, dropout_key))
     if return_lse and not problem.normalizer.row_normalized:
@@ -119,6 +123,7 @@ def sigmoid_attention(
     dropout_key: PRNGKeyArray | None = None,
     implementation: Implementation = None,
     block_sizes: BlockSizes | None = None,
+    shard: Shard | None = None,
 ) -> Float[Array, "B T H E"]:
     r"""Sigmoid attention ("Theory, Analysis, and Best Practices for Sigmoid Self-Attention",
     Ramapuram et al., 2024): :math:`O = \sigma(\mathrm{scale}\, Q K^\top + b)\, V`, with
@@ -136,7 +141,7 @@ def sigmoid_attention(
     return attention(
         q, k, v, mask=mask, score_mod=score_mod, bias=bias, normalizer="sigmoid",
         sigmoid_bias=sigmoid_bias, scale=scale, dropout_rate=dropout_rate, dropout_key=dropout_key,
-        implementation=implementation, block_sizes=block_sizes,
+        implementation=implementation, block_sizes=block_sizes, shard=shard,
     )
 
 
@@ -146,9 +151,13 @@ def _pallas(problem, q, k, v, bias, block_sizes):
     return flash_attention(problem, q, k, v, bias, block_sizes)
 
 
-def _problem(q, k, v, mask, score_mod, bias, normalizer, sigmoid_bias, scale) -> Problem:
+def _problem(q, k, v, mask, score_mod, bias, normalizer, sigmoid_bias, scale, shard=None) -> Problem:
     """Validates the arguments of the generic op and bundles them."""
     B, T, S, H, K, D, E = _checks.check_qkv(q, k, v)
+    dims = Dims(B, T, S, H, K, D, E)
+    if shard is not None:
+        _check_shard(shard, dims)
+        B, H, T, S = shard.batch, shard.heads, shard.q_len, shard.kv_len  # masks see global sizes
     if mask is not None:
         if not isinstance(mask, Mask):
             raise TypeError(f"mask must be an attnjax.masks mask or None; got {type(mask).__name__}")
@@ -157,12 +166,22 @@ def _problem(q, k, v, mask, score_mod, bias, normalizer, sigmoid_bias, scale) ->
     if score_mod is not None:
         score_mod.check(H)
     if bias is not None:
-        _checks.broadcastable_to("bias", bias, (B, H, T, S), ("batch", "heads", "q_len", "kv_len"))
+        d = dims
+        _checks.broadcastable_to("bias", bias, (d.batch, d.heads, d.q_len, d.kv_len),
+                                 ("batch", "heads", "q_len", "kv_len"))
         _checks.check_float("bias", bias)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     elif not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a Python number (use score_mods.temperature for a learned one); got {scale!r}")
-    dims = Dims(B, T, S, H, K, D, E)
-    return Problem(dims, float(scale), mask, score_mod, as_normalizer(normalizer, sigmoid_bias))
+    return Problem(dims, float(scale), mask, score_mod, as_normalizer(normalizer, sigmoid_bias), shard=shard)
 
+
+def _check_shard(shard, dims: Dims) -> None:
+    if not isinstance(shard, Shard):
+        raise TypeError(f"shard must be an attnjax.ops.Shard or None; got {type(shard).__name__}")
+    for name, local, total in (("batch", dims.batch, shard.batch), ("heads", dims.heads, shard.heads),
+                               ("q_len", dims.q_len, shard.q_len), ("kv_len", dims.kv_len, shard.kv_len)):
+        if total < local:
+            raise ValueError(f"shard.{name}={total} is the global size; it cannot be smaller than the "
+                             f"local {name}={local} of q/k/v")

@@ -79,6 +79,23 @@ def linear_attention(
     >>> out.shape, bool(jnp.allclose(out, ref, atol=1e-4))
     ((2, 40, 4, 8), True)
     """
+    norm, phi_q, phi_k, v32 = _prepare(q, k, v, feature_map, is_causal, normalize)
+
+    def xla():
+        return causal(norm, phi_q, phi_k, v32, "xla") if is_causal else summed(norm, phi_q, summaries(phi_k, v32))
+
+    def pallas():
+        if not is_causal:
+            raise NotImplementedError("non-causal linear attention has no kernel (its xla form is two matmuls)")
+        return causal(norm, phi_q, phi_k, v32, "pallas")
+
+    impls = {"reference": lambda: _dense(norm, phi_q, phi_k, v32, is_causal), "xla": xla, "pallas": pallas}
+    return _dispatch.run("linear_attention", impls, implementation).astype(q.dtype)
+
+
+def _prepare(q, k, v, feature_map, is_causal, normalize):
+    """Validates; returns the normalization and float32 ``phi(q)``, ``phi(k)``, ``v`` (K/V
+    heads repeated to ``H``)."""
     B, T, S, H, K, D, E = _checks.check_qkv(q, k, v)
     if is_causal and S != T:
         raise ValueError(f"is_causal needs kv_len == q_len; got q shape {tuple(q.shape)}, k shape {tuple(k.shape)}")
@@ -86,37 +103,42 @@ def linear_attention(
     if is_causal and not fmap.causal_ok:
         raise ValueError(f"feature_map={feature_map!r} mixes positions along the sequence, so it cannot be causal")
     norm = _normalization(normalize, fmap)
-
     f32 = lambda x: x.astype(jnp.float32)
     G = H // K
     phi_q = f32(fmap.query(f32(q)))
     phi_k, v32 = (jnp.repeat(x, G, axis=2) if G > 1 else x for x in (f32(fmap.key(f32(k))), f32(v)))
     if phi_q.shape[-1] != phi_k.shape[-1]:
         raise ValueError(f"feature maps of q and k must have one width; got {phi_q.shape} and {phi_k.shape}")
+    return norm, phi_q, phi_k, v32
 
-    def lightning(name):
-        # Causal sums are lightning attention without decay; a column of ones gives d_i too.
-        ones = jnp.ones(v32.shape[:-1] + (1,), jnp.float32)
-        v_ones = jnp.concatenate([v32, ones], -1)
-        nd = lightning_attention(phi_q, phi_k, v_ones, scale=1.0, implementation=name)
-        return _finish(norm, nd[..., :-1], nd[..., -1], jnp.cumsum(v32, axis=1),
-                       jnp.arange(1, T + 1, dtype=jnp.float32)[None, :, None, None])
 
-    def xla():
-        if is_causal:
-            return lightning("xla")
-        kv = jnp.einsum("bshd,bshe->bhde", phi_k, v32, precision=HI)
-        num = jnp.einsum("bthd,bhde->bthe", phi_q, kv, precision=HI)
-        den = jnp.einsum("bthd,bhd->bth", phi_q, phi_k.sum(1), precision=HI)
-        return _finish(norm, num, den, v32.sum(1, keepdims=True), float(S))
+def summaries(phi_k, v):
+    """What non-causal linear attention needs of the keys, all sums over them (so shards of the
+    sequence combine by adding): ``(sum phi(k)^T v [B,H,D,E], sum phi(k) [B,H,D],
+    sum v [B,1,H,E], count)``."""
+    return (jnp.einsum("bshd,bshe->bhde", phi_k, v, precision=HI), phi_k.sum(1),
+            v.sum(1, keepdims=True), jnp.float32(phi_k.shape[1]))
 
-    def pallas():
-        if not is_causal:
-            raise NotImplementedError("non-causal linear attention has no kernel (its xla form is two matmuls)")
-        return lightning("pallas")
 
-    impls = {"reference": lambda: _dense(norm, phi_q, phi_k, v32, is_causal), "xla": xla, "pallas": pallas}
-    return _dispatch.run("linear_attention", impls, implementation).astype(q.dtype)
+def summed(norm, phi_q, sums):
+    """Non-causal outputs from the key :func:`summaries`."""
+    kv, ksum, vsum, count = sums
+    num = jnp.einsum("bthd,bhde->bthe", phi_q, kv, precision=HI)
+    den = jnp.einsum("bthd,bhd->bth", phi_q, ksum, precision=HI)
+    return _finish(norm, num, den, vsum, count)
+
+
+def causal(norm, phi_q, phi_k, v, implementation=None, lightning=None, vsum_before=0.0, count_before=0):
+    """Causal outputs. The sums over ``j <= i`` are lightning attention without decay (a column
+    of ones gives ``d_i`` too); a sequence shard passes its own ``lightning`` (state passing)
+    and the sum of ``v`` and count of the tokens before it."""
+    if lightning is None:
+        lightning = lambda *a: lightning_attention(*a, scale=1.0, implementation=implementation)
+    T = phi_q.shape[1]
+    v_ones = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), jnp.float32)], -1)
+    nd = lightning(phi_q, phi_k, v_ones)
+    counts = count_before + jnp.arange(1, T + 1, dtype=jnp.float32)[None, :, None, None]
+    return _finish(norm, nd[..., :-1], nd[..., -1], vsum_before + jnp.cumsum(v, axis=1), counts)
 
 
 def _safe(den):

@@ -26,7 +26,7 @@ def attention(problem: Problem, q, k, v, bias):
     kv_idx = jnp.arange(d.kv_len, dtype=jnp.int32)
     s = _common.logits(problem, problem.score_mod, f32(q), f32(k), bias, q_idx, kv_idx)
     allowed = jnp.broadcast_to(_common.allowed(problem, q_idx, kv_idx), s.shape)
-    w = problem.normalizer.dense(d.kv_len, s, allowed)  # [B, H, T, S]
+    w = problem.normalizer.dense(problem.lengths[1], s, allowed)  # [B, H, T, S]
     zs = _common.dropout_scale(problem, q_idx, kv_idx)
     if zs is not None:
         w = w * zs

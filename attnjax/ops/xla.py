@@ -61,7 +61,7 @@ def attention(problem: Problem, q, k, v, bias, block_sizes: BlockSizes | None = 
     static = _common.Tiling(d, problem.scale, bq, bk)
     out, lse = _blockwise(
         static, pad(q, t_pad), pad(k, s_pad), pad(v, s_pad), bias,
-        problem.mask, problem.score_mod, problem.normalizer, problem.dropout, plan,
+        problem.mask, problem.score_mod, problem.normalizer, problem.dropout, problem.shard, plan,
     )
     return out[:, : d.q_len], lse[:, :, : d.q_len].transpose(0, 2, 1)
 
@@ -111,13 +111,14 @@ def _row_loop(plan, i, body, init):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _blockwise(static, q, k, v, bias, mask, score_mod, normalizer, dropout, plan):
-    return _forward(static, q, k, v, bias, mask, score_mod, normalizer, dropout, plan)
+def _blockwise(static, q, k, v, bias, mask, score_mod, normalizer, dropout, shard, plan):
+    return _forward(static, q, k, v, bias, mask, score_mod, normalizer, dropout, shard, plan)
 
 
-def _forward(static: _common.Tiling, q, k, v, bias, mask, score_mod, normalizer, dropout, plan):
-    problem = Problem(static.dims, static.scale, mask, score_mod, normalizer, dropout)
-    B, H, E, S = static.dims.batch, static.dims.heads, static.dims.v_dim, static.dims.kv_len
+def _forward(static: _common.Tiling, q, k, v, bias, mask, score_mod, normalizer, dropout, shard, plan):
+    problem = Problem(static.dims, static.scale, mask, score_mod, normalizer, dropout, shard)
+    B, H, E = static.dims.batch, static.dims.heads, static.dims.v_dim
+    S = problem.lengths[1]
     bq, bk = static.block_q, static.block_k
     nq = q.shape[1] // bq
 
@@ -151,16 +152,16 @@ def _forward(static: _common.Tiling, q, k, v, bias, mask, score_mod, normalizer,
     return out, lse
 
 
-def _blockwise_fwd(static, q, k, v, bias, mask, score_mod, normalizer, dropout, plan):
-    out, lse = _forward(static, q, k, v, bias, mask, score_mod, normalizer, dropout, plan)
-    return (out, lse), (q, k, v, bias, mask, score_mod, normalizer, dropout, plan, out, lse)
+def _blockwise_fwd(static, q, k, v, bias, mask, score_mod, normalizer, dropout, shard, plan):
+    out, lse = _forward(static, q, k, v, bias, mask, score_mod, normalizer, dropout, shard, plan)
+    return (out, lse), (q, k, v, bias, mask, score_mod, normalizer, dropout, shard, plan, out, lse)
 
 
 def _blockwise_bwd(static: _common.Tiling, res, cotangents):
-    q, k, v, bias, mask, score_mod, normalizer, dropout, plan, out, lse = res
+    q, k, v, bias, mask, score_mod, normalizer, dropout, shard, plan, out, lse = res
     d_out, d_lse = cotangents
-    problem = Problem(static.dims, static.scale, mask, score_mod, normalizer, dropout)
-    S = static.dims.kv_len
+    problem = Problem(static.dims, static.scale, mask, score_mod, normalizer, dropout, shard)
+    S = problem.lengths[1]
     bq, bk = static.block_q, static.block_k
     nq = q.shape[1] // bq
 
@@ -221,7 +222,7 @@ def _blockwise_bwd(static: _common.Tiling, res, cotangents):
         cast(dq, q), cast(dk, k), cast(dv, v),
         None if bias is None else cast(dbias, bias),
         none(mask), jax.tree.map(cast, dmod, score_mod), jax.tree.map(cast, dnorm, normalizer),
-        none(dropout), none(plan),
+        none(dropout), none(shard), none(plan),
     )
 
 

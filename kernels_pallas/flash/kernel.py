@@ -37,7 +37,7 @@ from kernels_pallas import backend
 
 @dataclasses.dataclass(frozen=True)
 class _Static(_common.Tiling):
-    treedef: jax.tree_util.PyTreeDef  # of (mask, score_mod, normalizer, dropout)
+    treedef: jax.tree_util.PyTreeDef  # of (mask, score_mod, normalizer, dropout, shard)
     leaf_shapes: tuple[tuple[int, ...], ...]
     interpret: bool
 
@@ -65,7 +65,8 @@ def flash_attention(problem: Problem, q, k, v, bias, block_sizes=None):
 
     d_pad, e_pad = backend.pad_head_dim(d.head_dim) - d.head_dim, backend.pad_head_dim(d.v_dim) - d.v_dim
     pad = lambda x, n, e: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, e)))
-    leaves, treedef = jax.tree.flatten((problem.mask, problem.score_mod, problem.normalizer, problem.dropout))
+    leaves, treedef = jax.tree.flatten(
+        (problem.mask, problem.score_mod, problem.normalizer, problem.dropout, problem.shard))
     static = _Static(d, problem.scale, bq, bk, treedef, tuple(jnp.shape(x) for x in leaves),
                      backend.interpret())
     out, lse = _flash(static, pad(q, t_pad, d_pad), pad(k, s_pad, d_pad), pad(v, s_pad, e_pad), plan,
@@ -105,7 +106,7 @@ def _tile_grads(static, problem, q, k, v, do, lse, delta, q_idx, kv_idx, bh, mas
     ok = _common.allowed(problem, q_idx, kv_idx, bh) if masked else None
     dp = _dot(do, v, trans_b=True)[None, None]
     zs = _common.dropout_scale(problem, q_idx, kv_idx, bh)
-    p, ds, _ = _common.tile_backward(problem.normalizer, static.dims.kv_len, s, ok, lse, delta, dp, zs)
+    p, ds, _ = _common.tile_backward(problem.normalizer, problem.lengths[1], s, ok, lse, delta, dp, zs)
     (ds_raw,) = mod_vjp(ds)
     return p[0, 0], ds_raw[0, 0]
 
@@ -119,7 +120,7 @@ def _fwd_kernel(classes_ref, order_ref, counts_ref, q_ref, k_ref, v_ref, *refs, 
     leaf_refs, (o_ref, lse_ref) = refs[:n], refs[n:]
     b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     problem = static.problem(leaf_refs)
-    normalizer, S = problem.normalizer, static.dims.kv_len
+    normalizer, S = problem.normalizer, problem.lengths[1]
     bq, bk = static.block_q, static.block_k
     q = q_ref[...]  # [bq, D]
     q_idx = i * bq + lax.iota(jnp.int32, bq)
