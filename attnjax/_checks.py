@@ -102,3 +102,14 @@ def check_qkv(q: Any, k: Any, v: Any, *, same_length: bool = False) -> tuple[int
     if T == 0 or S == 0:
         raise ValueError(f"q_len and kv_len must be >= 1; got q shape {tuple(q.shape)}, k shape {kshape}")
     return B, T, S, H, K, D, vshape[3]
+
+
+def head_features(num_heads, in_features, qkv_features=None) -> tuple[int, int, int]:
+    """A module's ``(heads, in_features, qkv_features)``, checked: ``qkv_features`` defaults to
+    ``in_features`` and must split evenly into heads."""
+    H = positive_int("num_heads", num_heads)
+    C = positive_int("in_features", in_features)
+    qkv = positive_int("qkv_features", qkv_features or C)
+    if qkv % H:
+        raise ValueError(f"qkv_features={qkv} must be divisible by num_heads={H}")
+    return H, C, qkv

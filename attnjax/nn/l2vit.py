@@ -63,11 +63,7 @@ class LinearGlobalAttention(nnx.Module):
         dtype=None,
         rngs: nnx.Rngs,
     ):
-        H = _checks.positive_int("num_heads", num_heads)
-        C = _checks.positive_int("in_features", in_features)
-        qkv = _checks.positive_int("qkv_features", qkv_features or C)
-        if qkv % H:
-            raise ValueError(f"qkv_features={qkv} must be divisible by num_heads={H}")
+        H, C, qkv = _checks.head_features(num_heads, in_features, qkv_features)
         self.num_heads, self.head_dim, self.in_features = H, qkv // H, C
         self.implementation = implementation
         lin = lambda: nnx.LinearGeneral(C, (H, qkv // H), use_bias=use_bias, dtype=dtype, rngs=rngs)

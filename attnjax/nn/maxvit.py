@@ -44,11 +44,7 @@ class MultiAxisAttention(nnx.Module):
     ):
         if (window is None) == (grid is None):
             raise ValueError(f"MultiAxisAttention takes exactly one of window= and grid=; got window={window}, grid={grid}")
-        H = _checks.positive_int("num_heads", num_heads)
-        C = _checks.positive_int("in_features", in_features)
-        qkv = _checks.positive_int("qkv_features", qkv_features or C)
-        if qkv % H:
-            raise ValueError(f"qkv_features={qkv} must be divisible by num_heads={H}")
+        H, C, qkv = _checks.head_features(num_heads, in_features, qkv_features)
         self.window, self.grid, self.in_features = window, grid, C
         self.implementation = implementation
         lin = lambda: nnx.LinearGeneral(C, (H, qkv // H), use_bias=use_bias, dtype=dtype, rngs=rngs)

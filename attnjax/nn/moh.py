@@ -51,14 +51,10 @@ class MoHAttention(nnx.Module):
         dtype=None,
         rngs: nnx.Rngs,
     ):
-        H = _checks.positive_int("num_heads", num_heads)
-        C = _checks.positive_int("in_features", in_features)
+        H, C, qkv = _checks.head_features(num_heads, in_features, qkv_features)
         hs = _checks.positive_int("num_shared_heads", num_shared_heads, allow_zero=True)
         if hs >= H:
             raise ValueError(f"num_shared_heads={hs} must be < num_heads={H} (at least one routed head)")
-        qkv = _checks.positive_int("qkv_features", qkv_features or C)
-        if qkv % H:
-            raise ValueError(f"qkv_features={qkv} must be divisible by num_heads={H}")
         self.top_k = _checks.positive_int("top_k", top_k)
         if self.top_k > H - hs:
             raise ValueError(f"top_k={top_k} must be <= the {H - hs} routed heads")

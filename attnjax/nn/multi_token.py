@@ -50,11 +50,7 @@ class MultiTokenAttention(nnx.Module):
         dtype=None,
         rngs: nnx.Rngs,
     ):
-        H = _checks.positive_int("num_heads", num_heads)
-        C = _checks.positive_int("in_features", in_features)
-        qkv = _checks.positive_int("qkv_features", qkv_features or C)
-        if qkv % H:
-            raise ValueError(f"qkv_features={qkv} must be divisible by num_heads={H}")
+        H, C, qkv = _checks.head_features(num_heads, in_features, qkv_features)
         cq, ck = (_checks.positive_int(f"kernel[{i}]", c) for i, c in enumerate(kernel))
         self.in_features, self.mask, self.implementation = C, check_module_mask(mask), implementation
         lin = lambda: nnx.LinearGeneral(C, (H, qkv // H), use_bias=use_bias, dtype=dtype, rngs=rngs)

@@ -53,11 +53,7 @@ class RoutingAttention(nnx.Module):
         dtype=None,
         rngs: nnx.Rngs,
     ):
-        H = _checks.positive_int("num_heads", num_heads)
-        C = _checks.positive_int("in_features", in_features)
-        qkv = _checks.positive_int("qkv_features", qkv_features or C)
-        if qkv % H:
-            raise ValueError(f"qkv_features={qkv} must be divisible by num_heads={H}")
+        H, C, qkv = _checks.head_features(num_heads, in_features, qkv_features)
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay must be in [0, 1]; got {decay}")
         self.in_features, self.window, self.causal, self.decay = C, window, causal, decay

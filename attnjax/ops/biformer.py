@@ -168,7 +168,6 @@ def biformer_attention(
 
 def _reference(q, k, v, routing, spatial, region, scale):
     """Dense attention with the mask ``allowed[t, s] = region(s) in routing[region(t)]``."""
-
     B, n = routing.shape[:2]
     selected = jax.nn.one_hot(routing, n, dtype=jnp.int32).sum(2) > 0  # [B, n, n]
     ids = _region_ids(spatial, region)

@@ -114,7 +114,6 @@ def landmark_attention(
 
 
 def _reference(q, k, v, landmark_k, l, top_k, scale):
-
     T, S = q.shape[1], k.shape[1]
     n = landmark_k.shape[1]
     f32 = lambda x: x.astype(jnp.float32)

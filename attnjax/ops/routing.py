@@ -181,7 +181,6 @@ def _reference(q, k, v, q_idx, k_idx, causal, scale):
 
 
 def _gathered(q, k, v, q_idx, k_idx, causal, scale):
-
     B, T, H, D = q.shape
     S, E = k.shape[1], v.shape[-1]
     _, _, C, wq = q_idx.shape
