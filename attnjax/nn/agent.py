@@ -12,6 +12,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from attnjax import _checks, ops
+from attnjax.nn.layers import head_projections
 
 
 class AgentAttention(nnx.Module):
@@ -75,9 +76,8 @@ class AgentAttention(nnx.Module):
         for a in self.agent_grid:
             N *= a
         self.num_agents = N
-        lin = lambda: nnx.LinearGeneral(C, (H, qkv // H), use_bias=use_bias, dtype=dtype, rngs=rngs)
-        self.query, self.key, self.value = lin(), lin(), lin()
-        self.out = nnx.LinearGeneral((H, qkv // H), C, axis=(-2, -1), use_bias=use_bias, dtype=dtype, rngs=rngs)
+        self.query, self.key, self.value, self.out = head_projections(
+            C, H, qkv // H, use_bias=use_bias, dtype=dtype, rngs=rngs)
         kernel = (_checks.positive_int("dwc_kernel", dwc_kernel),) * self.spatial
         self.dwc = nnx.Conv(qkv, qkv, kernel, feature_group_count=qkv, padding="SAME", dtype=dtype, rngs=rngs)
         if agent_bias:

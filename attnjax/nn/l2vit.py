@@ -11,7 +11,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from attnjax import _checks, ops
-from attnjax.nn.layers import Mlp
+from attnjax.nn.layers import Mlp, head_projections
 from attnjax.nn.maxvit import MultiAxisAttention
 
 
@@ -66,10 +66,9 @@ class LinearGlobalAttention(nnx.Module):
         H, C, qkv = _checks.head_features(num_heads, in_features, qkv_features)
         self.num_heads, self.head_dim, self.in_features = H, qkv // H, C
         self.implementation = implementation
-        lin = lambda: nnx.LinearGeneral(C, (H, qkv // H), use_bias=use_bias, dtype=dtype, rngs=rngs)
-        self.query, self.key, self.value = lin(), lin(), lin()
+        self.query, self.key, self.value, self.out = head_projections(
+            C, H, qkv // H, use_bias=use_bias, dtype=dtype, rngs=rngs)
         self.lcm = LocalConcentration(qkv, kernel=lcm_kernel, dtype=dtype, rngs=rngs)
-        self.out = nnx.LinearGeneral((H, qkv // H), C, axis=(-2, -1), use_bias=use_bias, dtype=dtype, rngs=rngs)
 
     def attend(self, q: Array, k: Array, v: Array) -> Array:
         """``A + LCM(A)`` from projected ``[B, h, w, H, D]`` tensors."""

@@ -77,3 +77,14 @@ class Mlp(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         return self.fc2(jax.nn.gelu(self.fc1(x)))
+
+
+def head_projections(in_features: int, heads: int, head_dim: int, *, kv_heads: int | None = None,
+                     use_bias: bool = True, dtype=None, rngs: nnx.Rngs):
+    """``(query, key, value, out)``: ``[..., C] -> [..., heads (kv_heads for key/value), head_dim]``
+    projections and the output projection back to ``C``, shared by the attention modules."""
+    lin = lambda n: nnx.LinearGeneral(in_features, (n, head_dim), use_bias=use_bias, dtype=dtype, rngs=rngs)
+    kv = kv_heads or heads
+    query, key, value = lin(heads), lin(kv), lin(kv)  # this order: parameter initialization follows it
+    out = nnx.LinearGeneral((heads, head_dim), in_features, axis=(-2, -1), use_bias=use_bias, dtype=dtype, rngs=rngs)
+    return query, key, value, out

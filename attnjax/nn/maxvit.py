@@ -9,7 +9,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from attnjax import _checks, ops
-from attnjax.nn.layers import Mlp
+from attnjax.nn.layers import Mlp, head_projections
 
 
 class MultiAxisAttention(nnx.Module):
@@ -47,9 +47,8 @@ class MultiAxisAttention(nnx.Module):
         H, C, qkv = _checks.head_features(num_heads, in_features, qkv_features)
         self.window, self.grid, self.in_features = window, grid, C
         self.implementation = implementation
-        lin = lambda: nnx.LinearGeneral(C, (H, qkv // H), use_bias=use_bias, dtype=dtype, rngs=rngs)
-        self.query, self.key, self.value = lin(), lin(), lin()
-        self.out = nnx.LinearGeneral((H, qkv // H), C, axis=(-2, -1), use_bias=use_bias, dtype=dtype, rngs=rngs)
+        self.query, self.key, self.value, self.out = head_projections(
+            C, H, qkv // H, use_bias=use_bias, dtype=dtype, rngs=rngs)
 
     def attend(self, q: Array, k: Array, v: Array) -> Array:
         """The op on projected ``[B, h, w, H, D]`` tensors."""

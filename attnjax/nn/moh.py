@@ -12,6 +12,7 @@ from jaxtyping import Array, Float
 from attnjax import _checks, ops
 from attnjax.masks import Mask
 from attnjax.nn.attention import check_module_mask, combine_masks
+from attnjax.nn.layers import head_projections
 
 
 class MoHAttention(nnx.Module):
@@ -61,9 +62,8 @@ class MoHAttention(nnx.Module):
         self.num_heads, self.num_shared_heads, self.head_dim, self.in_features = H, hs, qkv // H, C
         self.mask, self.skip_unselected, self.block_q = check_module_mask(mask), skip_unselected, block_q
         self.implementation = implementation
-        lin = lambda: nnx.LinearGeneral(C, (H, qkv // H), use_bias=use_bias, dtype=dtype, rngs=rngs)
-        self.query, self.key, self.value = lin(), lin(), lin()
-        self.out = nnx.LinearGeneral((H, qkv // H), C, axis=(-2, -1), use_bias=use_bias, dtype=dtype, rngs=rngs)
+        self.query, self.key, self.value, self.out = head_projections(
+            C, H, qkv // H, use_bias=use_bias, dtype=dtype, rngs=rngs)
         router = lambda n: nnx.Linear(C, n, use_bias=False, dtype=dtype, rngs=rngs)
         self.routed_router = router(H - hs)
         self.shared_router = router(hs) if hs else nnx.data(None)

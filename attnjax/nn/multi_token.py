@@ -12,6 +12,7 @@ from jaxtyping import Array, Float
 from attnjax import _checks, masks, ops
 from attnjax.masks import Mask
 from attnjax.nn.attention import check_module_mask
+from attnjax.nn.layers import head_projections
 
 
 class MultiTokenAttention(nnx.Module):
@@ -53,9 +54,8 @@ class MultiTokenAttention(nnx.Module):
         H, C, qkv = _checks.head_features(num_heads, in_features, qkv_features)
         cq, ck = (_checks.positive_int(f"kernel[{i}]", c) for i, c in enumerate(kernel))
         self.in_features, self.mask, self.implementation = C, check_module_mask(mask), implementation
-        lin = lambda: nnx.LinearGeneral(C, (H, qkv // H), use_bias=use_bias, dtype=dtype, rngs=rngs)
-        self.query, self.key, self.value = lin(), lin(), lin()
-        self.out = nnx.LinearGeneral((H, qkv // H), C, axis=(-2, -1), use_bias=use_bias, dtype=dtype, rngs=rngs)
+        self.query, self.key, self.value, self.out = head_projections(
+            C, H, qkv // H, use_bias=use_bias, dtype=dtype, rngs=rngs)
         # Identity kernel: weight 1 on the query itself (offset 0) and the key itself (centre).
         self.kernel = nnx.Param(jnp.zeros((H, cq, ck), jnp.float32).at[:, 0, ck // 2].set(1.0))
         if head_group is None:

@@ -10,6 +10,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from attnjax import _checks, ops
+from attnjax.nn.layers import head_projections
 
 
 class Centroids(nnx.Variable):
@@ -58,9 +59,8 @@ class RoutingAttention(nnx.Module):
             raise ValueError(f"decay must be in [0, 1]; got {decay}")
         self.in_features, self.window, self.causal, self.decay = C, window, causal, decay
         self.implementation = implementation
-        lin = lambda: nnx.LinearGeneral(C, (H, qkv // H), use_bias=use_bias, dtype=dtype, rngs=rngs)
-        self.query, self.key, self.value = lin(), lin(), lin()
-        self.out = nnx.LinearGeneral((H, qkv // H), C, axis=(-2, -1), use_bias=use_bias, dtype=dtype, rngs=rngs)
+        self.query, self.key, self.value, self.out = head_projections(
+            C, H, qkv // H, use_bias=use_bias, dtype=dtype, rngs=rngs)
         self.centroids = Centroids(ops.routing_init(rngs.params(), H, num_clusters, qkv // H))
 
     def __call__(self, x: Float[Array, "B T C"], *, update: bool = False) -> Float[Array, "B T C"]:

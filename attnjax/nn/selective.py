@@ -13,6 +13,7 @@ from jaxtyping import Array, Float
 from attnjax import _checks, masks, ops
 from attnjax.masks import Mask
 from attnjax.nn.attention import check_module_mask
+from attnjax.nn.layers import head_projections
 
 
 class SelectiveAttention(nnx.Module):
@@ -59,10 +60,8 @@ class SelectiveAttention(nnx.Module):
             raise ValueError(f"need qkv_features={qkv} divisible by num_heads={H}, and num_kv_heads={K} dividing it")
         D = qkv // H
         self.in_features, self.mask, self.implementation = C, check_module_mask(mask), implementation
-        self.query = nnx.LinearGeneral(C, (H, D), use_bias=use_bias, dtype=dtype, rngs=rngs)
-        self.key = nnx.LinearGeneral(C, (K, D), use_bias=use_bias, dtype=dtype, rngs=rngs)
-        self.value = nnx.LinearGeneral(C, (K, D), use_bias=use_bias, dtype=dtype, rngs=rngs)
-        self.out = nnx.LinearGeneral((H, D), C, axis=(-2, -1), use_bias=use_bias, dtype=dtype, rngs=rngs)
+        self.query, self.key, self.value, self.out = head_projections(
+            C, H, D, kv_heads=K, use_bias=use_bias, dtype=dtype, rngs=rngs)
         zeros = nnx.initializers.zeros
         self.query_temperature = nnx.Linear(C, H, kernel_init=zeros, dtype=dtype, rngs=rngs)
         self.value_temperature = nnx.Linear(C, K, kernel_init=zeros, dtype=dtype, rngs=rngs)

@@ -147,7 +147,7 @@ def _split_kwargs(kind, kwargs, spec):
     sharded, specs, static = {}, {}, {}
     for key, value in kwargs.items():
         leaves = jax.tree.leaves(value)
-        if key in per_data and isinstance(value, jax.Array | jnp.ndarray) and jnp.ndim(value) == len(per_data[key]):
+        if key in per_data and isinstance(value, jax.Array) and jnp.ndim(value) == len(per_data[key]):
             sharded[key], specs[key] = value, spec(*per_data[key])
         elif leaves and all(isinstance(x, jax.Array) for x in leaves):
             sharded[key], specs[key] = value, jax.tree.map(lambda _: PartitionSpec(), value)

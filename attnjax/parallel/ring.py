@@ -92,7 +92,7 @@ class _Config:
     implementation: str | tuple[str, ...] | None
     block_sizes: BlockSizes | None
 
-    def pieces(self, device, length: int, total: int):
+    def pieces(self, device, length: int):
         """``(local start, size, global start)`` of the contiguous pieces ``device`` holds."""
         if self.layout == "contiguous":
             return [(0, length, device * length)]
@@ -151,9 +151,9 @@ def _block(cfg: _Config, q, k, v, score_mod, normalizer, mask, dropout, offsets,
     """This device's queries against the K/V block of ``source``: float32 ``(out, lse)``."""
     softmax = normalizer.row_normalized
     rows = []
-    for qs, ql, qg in cfg.pieces(device, q.shape[1], cfg.q_len):
+    for qs, ql, qg in cfg.pieces(device, q.shape[1]):
         acc = None
-        for ks, kl, kg in cfg.pieces(source, k.shape[1], cfg.kv_len):
+        for ks, kl, kg in cfg.pieces(source, k.shape[1]):
             shard = Shard.make(batch=cfg.batch, heads=cfg.heads, q_len=cfg.q_len, kv_len=cfg.kv_len,
                                batch_offset=offsets[0], head_offset=offsets[1], q_offset=qg, kv_offset=kg)
             res = attention(
