@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from attnjax.masks import _pytree
+from attnjax.core.pytree import pytree_dataclass
 
 _GOLDEN = 0x9E3779B9
 
@@ -36,7 +36,7 @@ def _mix(x: Array) -> Array:
     return x ^ (x >> 16)
 
 
-@_pytree(data=("seed",), meta=("rate",))
+@pytree_dataclass(data=("seed",), meta=("rate",))
 class Dropout:
     rate: float
     seed: Array  # uint32[2], from the key

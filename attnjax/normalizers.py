@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from attnjax.masks import _pytree
+from attnjax.core.pytree import pytree_dataclass
 
 # Masked scores are set to this finite value in dense softmax (not -inf) so that a fully
 # masked row gives finite gradients; its weights are then zeroed explicitly.
@@ -47,7 +47,7 @@ class Normalizer:
         return jnp.where(allowed, self.weights(kv_len, jnp.where(allowed, s, 0.0)), 0.0)
 
 
-@_pytree()
+@pytree_dataclass()
 class Softmax(Normalizer):
     """``softmax(s)`` over the keys of each row."""
 
@@ -58,7 +58,7 @@ class Softmax(Normalizer):
         return jnp.where(allowed, w, 0.0)
 
 
-@_pytree(data=("bias",))
+@pytree_dataclass(data=("bias",))
 class Sigmoid(Normalizer):
     """``sigmoid(s + bias)``; ``bias=None`` means ``-log(S)`` (Ramapuram et al., 2024)."""
 
@@ -69,7 +69,7 @@ class Sigmoid(Normalizer):
         return jax.nn.sigmoid(s + bias)
 
 
-@_pytree()
+@pytree_dataclass()
 class Relu(Normalizer):
     """``relu(s) / S`` ("Replacing softmax with ReLU in Vision Transformers", Wortsman et al.)."""
 
@@ -77,7 +77,7 @@ class Relu(Normalizer):
         return jax.nn.relu(s) / kv_len
 
 
-@_pytree()
+@pytree_dataclass()
 class Identity(Normalizer):
     """Unnormalized: the weights are the scores themselves."""
 
@@ -85,7 +85,7 @@ class Identity(Normalizer):
         return s
 
 
-@_pytree(meta=("fn",))
+@pytree_dataclass(meta=("fn",))
 class Elementwise(Normalizer):
     """Any elementwise ``fn(s)``, applied to float32 scores."""
 

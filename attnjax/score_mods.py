@@ -31,7 +31,7 @@ import numpy as np
 from jaxtyping import Array, Float, PyTree
 
 from attnjax import _checks
-from attnjax.masks import _pytree
+from attnjax.core.pytree import pytree_dataclass
 
 
 class ScoreMod:
@@ -48,25 +48,25 @@ class ScoreMod:
         """Raises ValueError if the mod's arrays do not fit ``heads`` query heads."""
 
 
-def _head_param(x, h) -> Array:
+def head_param(x, h) -> Array:
     """A scalar or per-head ``[H]`` parameter, broadcast against ``[B, H, T, S]`` scores."""
     x = jnp.asarray(x, jnp.float32)
     return x if x.ndim == 0 else x[h]
 
 
-@_pytree(data=("slopes",))
+@pytree_dataclass(data=("slopes",))
 class Alibi(ScoreMod):
     slopes: Array  # [H]
 
     def __call__(self, q_len, kv_len, score, b, h, q_idx, kv_idx):
         distance = jnp.abs(q_idx + (kv_len - q_len) - kv_idx).astype(jnp.float32)
-        return score - _head_param(self.slopes, h) * distance
+        return score - head_param(self.slopes, h) * distance
 
     def check(self, heads):
         _checks.per_head("alibi slopes", self.slopes, heads)
 
 
-@_pytree(data=("cap",))
+@pytree_dataclass(data=("cap",))
 class Softcap(ScoreMod):
     cap: Array
 
@@ -75,7 +75,7 @@ class Softcap(ScoreMod):
         return cap * jnp.tanh(score / cap)
 
 
-@_pytree(data=("table",))
+@pytree_dataclass(data=("table",))
 class RelativeBias(ScoreMod):
     table: Array  # [H, 2R + 1]: entry R + d is the bias at relative distance d = kv - q
 
@@ -92,18 +92,18 @@ class RelativeBias(ScoreMod):
             )
 
 
-@_pytree(data=("t",))
+@pytree_dataclass(data=("t",))
 class Temperature(ScoreMod):
     t: Array  # scalar or [H]
 
     def __call__(self, q_len, kv_len, score, b, h, q_idx, kv_idx):
-        return score / _head_param(self.t, h)
+        return score / head_param(self.t, h)
 
     def check(self, heads):
         _checks.per_head("temperature", self.t, heads)
 
 
-@_pytree(data=("params",), meta=("fn",))
+@pytree_dataclass(data=("params",), meta=("fn",))
 class FromFn(ScoreMod):
     fn: Callable
     params: PyTree
@@ -114,7 +114,7 @@ class FromFn(ScoreMod):
         return self.fn(self.params, score, b, h, q_idx, kv_idx)
 
 
-@_pytree(data=("mods",))
+@pytree_dataclass(data=("mods",))
 class Compose(ScoreMod):
     mods: tuple[ScoreMod, ...]
 

@@ -1,15 +1,21 @@
 """The one place that decides how Pallas kernels run on the current platform.
 
 * CPU: interpret mode (the kernels run as ordinary XLA programs; this is what the tests use).
-* GPU: compiled through Pallas' Triton lowering; head dims are padded to a power of two >= 16
-  and tiles are 64x64 by default.
+* GPU: compiled through Pallas' Triton lowering; head dims and tiles are padded to powers of
+  two >= 16 (Triton's block shapes and tensor-core dots need them).
 * TPU: not validated yet, so kernels report NotImplementedError there and ``attnjax`` falls
   back to its XLA path rather than risking a wrong or failing compile.
+
+Every kernel family asks this module, and only this module, about the platform; tile-size
+defaults live with :class:`attnjax.core.BlockSizes`.
 """
 
 from __future__ import annotations
 
 import jax
+
+from attnjax.core.blocks import BlockSizes
+from attnjax.core.utils import next_pow2, round_up
 
 
 def platform() -> str:
@@ -22,30 +28,30 @@ def interpret() -> bool:
     return platform() not in ("gpu", "tpu")
 
 
-def supports_flash() -> bool:
-    return platform() != "tpu"
+def require_supported(kernel: str) -> None:
+    """Declines (NotImplementedError, at trace time) on a platform the kernels are not validated on."""
+    if platform() == "tpu":
+        raise NotImplementedError(f"the Pallas {kernel} kernels are not validated on TPU")
 
 
 def pad_head_dim(dim: int) -> int:
     """The head dim a kernel works with: unchanged in interpret mode; a power of two >= 16 on
     GPU (Triton's dot needs it). Padding is with zeros, which leaves dot products unchanged."""
+    return dim if interpret() else next_pow2(dim, 16)
+
+
+def clip_tile(block: int, length: int) -> int:
+    """A tile for a sequence of ``length``: at most the (8-rounded) length in interpret mode; a
+    power of two >= 16, at most the length's, when compiled."""
     if interpret():
-        return dim
-    return max(16, 1 << (dim - 1).bit_length())
+        return min(block, round_up(length, 8))
+    return min(next_pow2(block, 16), next_pow2(length, 16))
 
 
-def _round8(n: int) -> int:
-    return -(-n // 8) * 8
-
-
-def flash_block_sizes(q_len: int, kv_len: int, block_sizes=None) -> tuple[int, int]:
-    """``(block_q, block_k)``: the caller's ``BlockSizes`` or the platform default, clipped to
-    the 8-rounded sequence lengths (powers of two on GPU)."""
-    if block_sizes is not None:
-        bq, bk = block_sizes.block_q, block_sizes.block_k
-    else:
-        bq = bk = 128 if interpret() else 64
-    if interpret():
-        return min(bq, _round8(q_len)), min(bk, _round8(kv_len))
-    pow2 = lambda n: max(16, 1 << (n - 1).bit_length())
-    return min(bq, pow2(q_len)), min(bk, pow2(kv_len))
+def flash_tiles(q_len: int, kv_len: int, block_sizes: BlockSizes | None) -> BlockSizes:
+    """The flash kernels' tiles: the caller's, else the platform defaults, each clipped."""
+    bs = (block_sizes or BlockSizes()).resolve("flash", platform())
+    q = lambda n: clip_tile(n, q_len)
+    k = lambda n: clip_tile(n, kv_len)
+    return BlockSizes(q(bs.block_q), k(bs.block_k), q(bs.block_q_dq), k(bs.block_k_dq),
+                      q(bs.block_q_dkv), k(bs.block_k_dkv), bs.spatial)

@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable
 
 import jax.numpy as jnp
-from jaxtyping import Array, Bool
+from jaxtyping import Array
 
 from attnjax import masks, ops
 from attnjax.masks import Dense as DenseMask  # noqa: F401  (re-exported by attnjax.nn)

@@ -1,31 +1,36 @@
 """The public functional API: ``attnjax.ops.<variant>(q, k, v, ...) -> out``.
 
-Tensors are ``[batch, seq, heads, head_dim]``; see :mod:`attnjax.ops._common` for the letter
+Tensors are ``[batch, seq, heads, head_dim]``; see :mod:`attnjax.core.tiling` for the letter
 legend. Every op takes ``implementation=None | "reference" | "xla" | "pallas"``.
+
+One folder per op family, each with the same files: ``api.py`` (validate, build the problem,
+dispatch), ``reference.py``, ``xla.py`` and, where a kernel exists, ``pallas.py`` (a thin adapter
+over :mod:`kernels_pallas`): ``attention/``, ``lightning/``, ``linear/``, ``neighborhood/``.
+Composite variants, one file each, live in ``sparse/``, ``gated/`` and ``vision/``.
 """
 
-from attnjax.ops.agent import agent_attention, pool_agents_1d, pool_agents_2d
-from attnjax.ops.attention import attention, sigmoid_attention
-from attnjax.ops.biformer import biformer_attention, bilevel_routing
-from attnjax.ops.hyper import hyper_attention
-from attnjax.ops.landmark import landmark_attention
-from attnjax.ops.lightning import (
+from attnjax.core.blocks import BlockSizes
+from attnjax.core.tiling import Shard
+from attnjax.ops.attention.api import attention, sigmoid_attention
+from attnjax.ops.gated.mega import damped_ema, ema_kernel, mega_attention
+from attnjax.ops.gated.moh import MoHOutput, moh_attention
+from attnjax.ops.gated.multi_token import multi_token_attention
+from attnjax.ops.gated.selective import selective_attention, selective_temperature
+from attnjax.ops.lightning.api import (
     lightning_attention,
     lightning_decode_step,
     lightning_layer_slopes,
     lightning_slopes,
 )
-from attnjax.ops.linear import linear_attention
-from attnjax.ops.maxvit import block_attention, grid_attention
-from attnjax.ops.mega import damped_ema, ema_kernel, mega_attention
-from attnjax.ops.moa import moa_attention
-from attnjax.ops.moh import MoHOutput, moh_attention
-from attnjax.ops.multi_token import multi_token_attention
-from attnjax.ops.neighborhood import neighborhood_attention
-from attnjax.ops._common import Shard
-from attnjax.ops.selective import selective_attention, selective_temperature
-from attnjax.ops.routing import routing_attention, routing_clusters, routing_init, routing_update
-from attnjax.ops.xla import BlockSizes
+from attnjax.ops.linear.api import linear_attention
+from attnjax.ops.neighborhood.api import neighborhood_attention
+from attnjax.ops.sparse.biformer import biformer_attention, bilevel_routing
+from attnjax.ops.sparse.hyper import hyper_attention
+from attnjax.ops.sparse.landmark import landmark_attention
+from attnjax.ops.sparse.moa import moa_attention
+from attnjax.ops.sparse.routing import routing_attention, routing_clusters, routing_init, routing_update
+from attnjax.ops.vision.agent import agent_attention, pool_agents_1d, pool_agents_2d
+from attnjax.ops.vision.maxvit import block_attention, grid_attention
 
 __all__ = [
     "attention", "sigmoid_attention", "BlockSizes", "Shard",

@@ -30,7 +30,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
 from attnjax import ops
-from attnjax.ops._common import Shard
+from attnjax.core import Shard
 from attnjax.parallel import rules as rules_lib
 from attnjax.parallel.halo import halo_neighborhood_attention
 from attnjax.parallel.recurrent import lightning_context_parallel, linear_context_parallel

@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from attnjax.neighborhood import Neighborhood, axis_windows
+from attnjax.masks.neighborhood import Neighborhood, axis_windows
 from attnjax.ops import attention
-from attnjax.ops._common import Shard
-from attnjax.ops.neighborhood import _validate
+from attnjax.core import Shard
+from attnjax.ops.neighborhood.api import validate
 
 
 def reach(window) -> tuple[int, int]:
@@ -51,7 +51,7 @@ def halo_neighborhood_attention(q, k, v, *, axis_name: str, kernel_size, dilatio
     Returns:
       ``[B, n, *rest, H, E]``, this device's rows.
     """
-    local, scale = _validate(q, k, v, scale)
+    local, scale = validate(q, k, v, scale)
     P = lax.axis_size(axis_name)
     n, rest = local[0], local[1:]
     axes = axis_windows((n * P, *rest), kernel_size, dilation, stride, is_causal)

@@ -25,9 +25,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from attnjax.ops import lightning as lightning_mod
-from attnjax.ops import linear as linear_mod
-from attnjax.ops.lightning import lightning_attention
+from attnjax.core.utils import default_scale
+from attnjax.ops.lightning import api as lightning_api
+from attnjax.ops.linear import api as linear_api
+from attnjax.ops.linear import xla as linear_xla
+from attnjax.ops.lightning.api import lightning_attention
 
 
 def lightning_context_parallel(q, k, v, *, axis_name: str, log_decay=None, scale: float | None = None,
@@ -41,10 +43,10 @@ def lightning_context_parallel(q, k, v, *, axis_name: str, log_decay=None, scale
     state before the *global* sequence (replicated over the axis). The final state, if asked
     for, is the global one (the same on every device).
     """
-    B, t, H, D, E = lightning_mod._check_qkv(q, k, v)
-    a = lightning_mod._log_decay(log_decay, H)
-    scale = lightning_mod._scale(scale, D)
-    s_in = lightning_mod._initial_state(initial_state, (B, H, D, E))
+    B, t, H, D, E = lightning_api.check_qkv(q, k, v)
+    a = lightning_api.check_log_decay(log_decay, H)
+    scale = default_scale(D, scale)
+    s_in = lightning_api.check_initial_state(initial_state, (B, H, D, E))
     out0, final0 = lightning_attention(q, k, v, log_decay=a, scale=scale, return_final_state=True,
                                        segment_ids=segment_ids, block_size=block_size,
                                        implementation=implementation)
@@ -82,15 +84,15 @@ def linear_context_parallel(q, k, v, *, axis_name: str, feature_map="elu1", is_c
                             normalize=True, implementation=None):
     """:func:`attnjax.ops.linear_attention` over a sequence sharded contiguously along
     ``axis_name`` (call inside ``shard_map``); arguments as the op's, for this device's chunk."""
-    norm, phi_q, phi_k, v32 = linear_mod._prepare(q, k, v, feature_map, is_causal, normalize)
+    norm, phi_q, phi_k, v32 = linear_api.prepare(q, k, v, feature_map, is_causal, normalize)
     if not is_causal:
-        sums = lax.psum(linear_mod.summaries(phi_k, v32), axis_name)
-        return linear_mod.summed(norm, phi_q, sums).astype(q.dtype)
+        sums = lax.psum(linear_xla.summaries(phi_k, v32), axis_name)
+        return linear_xla.summed(norm, phi_q, sums).astype(q.dtype)
     P, me, t = lax.axis_size(axis_name), lax.axis_index(axis_name), q.shape[1]
     chunk_sums = lax.all_gather(v32.sum(1, keepdims=True), axis_name)  # [P, B, 1, H, E]
     before = jnp.where((jnp.arange(P) < me)[:, None, None, None, None], chunk_sums, 0.0).sum(0)
     lightning = lambda *a: lightning_context_parallel(*a, axis_name=axis_name, scale=1.0,
                                                       implementation=implementation)
-    out = linear_mod.causal(norm, phi_q, phi_k, v32, lightning=lightning, vsum_before=before,
+    out = linear_xla.causal(norm, phi_q, phi_k, v32, lightning=lightning, vsum_before=before,
                             count_before=(me * t).astype(jnp.float32))
     return out.astype(q.dtype)

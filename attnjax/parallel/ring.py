@@ -44,9 +44,10 @@ from attnjax import _checks
 from attnjax.dropout import Dropout
 from attnjax.masks import Mask
 from attnjax.normalizers import as_normalizer
-from attnjax.ops import _common, attention
-from attnjax.ops._common import Shard
-from attnjax.ops.xla import BlockSizes
+from attnjax.core import tiling
+from attnjax.ops import attention
+from attnjax.core import Shard
+from attnjax.core.blocks import BlockSizes
 from attnjax.score_mods import as_score_mod
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -171,8 +172,8 @@ def _block(cfg: _Config, q, k, v, score_mod, normalizer, mask, dropout, offsets,
 
 def merge(a, b, softmax: bool = True):
     """Merges two partial attentions ``(out f32 [..., E], lse [...])`` over disjoint key sets:
-    by log-sum-exp for softmax (:func:`attnjax.ops._common.merge`), by sum otherwise."""
-    return _common.merge([a, b]) if softmax else (a[0] + b[0], a[1])
+    by log-sum-exp for softmax (:func:`attnjax.ops.tiling.merge`), by sum otherwise."""
+    return tiling.merge([a, b]) if softmax else (a[0] + b[0], a[1])
 
 
 def _shift(tree, axis_name, size):

@@ -17,7 +17,7 @@ from jax import lax
 
 from attnjax import _checks
 from attnjax.ops import attention
-from attnjax.ops._common import Shard
+from attnjax.core import Shard
 
 
 def ulysses_attention(q, k, v, *, axis_name: str, batch_shard: tuple | None = None,

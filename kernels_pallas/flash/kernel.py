@@ -4,7 +4,8 @@ The normalizer is a compile-time choice. Softmax keeps a running max and sum per
 the log-sum-exp; elementwise normalizers (sigmoid, ...) accumulate ``f(S) V`` with no row
 statistics, and their backward needs no ``rowsum(dO * O)`` correction (FlashSigmoid).
 
-Kernels (letter legend in :mod:`attnjax.ops._common`; ``nq``/``nk`` query/key tiles):
+Kernels (letter legend in :mod:`attnjax.core.tiling`; ``nq``/``nk`` query/key tiles; each pass
+has its own tile sizes, ``BlockSizes.forward`` / ``.dq`` / ``.dkv``):
 
 * forward, grid ``(B, H, nq)``: a query tile loops over the key tiles its row of the block map
   marks non-empty (a compacted list, so empty tiles cost nothing), masking only PARTIAL tiles;
@@ -14,78 +15,96 @@ Kernels (letter legend in :mod:`attnjax.ops._common`; ``nq``/``nk`` query/key ti
   block map, for each of the ``G = H / K`` query heads that share it, so K/V are never repeated
   in memory and no two programs write the same output tile.
 
-Masks, score mods and normalizers are the library's own pytrees: their arrays enter the kernels
-as whole-array inputs and the same ``attnjax.ops._common`` functions evaluate them on the tile's
-indices, so the kernels cannot disagree with the reference about what a mask means.
+The problem (:class:`attnjax.core.Problem`: mask, score mod, normalizer, dropout, shard) is the
+library's own pytree: its arrays enter the kernels as whole-array inputs and the same
+:mod:`attnjax.core.tiling` functions evaluate it on the tile's indices, so the kernels cannot
+disagree with the reference about what a mask means. This one template serves every mask,
+neighborhood attention included (``attnjax.ops.neighborhood``'s pallas path feeds it tokens
+permuted tile by tile with a :class:`attnjax.masks.TiledNeighborhood` mask).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from attnjax.masks import FULL
-from attnjax.ops import _common
-from attnjax.ops._common import Problem
+from attnjax.core import tiling
+from attnjax.core.blocks import BlockSizes
+from attnjax.core.tiling import FULL, Problem
+from attnjax.core.utils import round_up
 from kernels_pallas import backend
 
 
 @dataclasses.dataclass(frozen=True)
-class _Static(_common.Tiling):
-    treedef: jax.tree_util.PyTreeDef  # of (mask, score_mod, normalizer, dropout, shard)
+class _Static:
+    treedef: jax.tree_util.PyTreeDef  # of the Problem (its dims and scale are static in it)
     leaf_shapes: tuple[tuple[int, ...], ...]
+    tiles: BlockSizes  # resolved: every field an int
     interpret: bool
+
+    @property
+    def dims(self):
+        return jax.tree.unflatten(self.treedef, [None] * len(self.leaf_shapes)).dims
+
+    @property
+    def scale(self) -> float:
+        return jax.tree.unflatten(self.treedef, [None] * len(self.leaf_shapes)).scale
 
     def problem(self, leaf_refs) -> Problem:
         """Rebuilds the Problem inside a kernel from its whole-array leaf inputs."""
         leaves = [ref[...].reshape(shape) for ref, shape in zip(leaf_refs, self.leaf_shapes)]
-        return Problem(self.dims, self.scale, *jax.tree.unflatten(self.treedef, leaves))
+        return jax.tree.unflatten(self.treedef, leaves)
 
 
-def flash_attention(problem: Problem, q, k, v, bias, block_sizes=None):
-    """``(out [B, T, H, E], lse [B, T, H])`` like ``attnjax.ops.reference.attention``.
+def flash_attention(problem: Problem, q, k, v, bias, block_sizes: BlockSizes | None = None):
+    """``(out [B, T, H, E], lse [B, T, H])`` like ``attnjax.ops.attention.reference.attention``.
 
-    Raises NotImplementedError (so dispatch falls back) for an additive ``bias`` and when
-    score-mod or normalizer parameters need gradients.
+    Raises NotImplementedError (so dispatch falls back) for an additive ``bias``, on a platform
+    the kernels are not validated on, and when score-mod or normalizer parameters need gradients.
     """
     if bias is not None:
         raise NotImplementedError("the Pallas flash kernel takes no dense bias (use a score mod)")
-    if not backend.supports_flash():
-        raise NotImplementedError(f"the Pallas flash kernel is not validated on {backend.platform()}")
+    backend.require_supported("flash")
     d = problem.dims
-    bq, bk = backend.flash_block_sizes(d.q_len, d.kv_len, block_sizes)
-    classes, t_pad, s_pad = _common.tile_plan(problem, bq, bk)
-    # Non-empty tiles by row (forward, dq) and by column (dk, dv).
-    plan = (classes.astype(jnp.int32), *_common.compact(classes), *_common.compact(classes.T))
+    tiles = backend.flash_tiles(d.q_len, d.kv_len, block_sizes)
+    # Each pass has its own tiles; the arrays are padded to a whole number of every pass's tiles.
+    t_len = round_up(d.q_len, math.lcm(tiles.block_q, tiles.block_q_dq, tiles.block_q_dkv))
+    s_len = round_up(d.kv_len, math.lcm(tiles.block_k, tiles.block_k_dq, tiles.block_k_dkv))
+    plans = _plans(problem, tiles)
 
     d_pad, e_pad = backend.pad_head_dim(d.head_dim) - d.head_dim, backend.pad_head_dim(d.v_dim) - d.v_dim
-    pad = lambda x, n, e: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, e)))
-    leaves, treedef = jax.tree.flatten(
-        (problem.mask, problem.score_mod, problem.normalizer, problem.dropout, problem.shard))
-    static = _Static(d, problem.scale, bq, bk, treedef, tuple(jnp.shape(x) for x in leaves),
-                     backend.interpret())
-    out, lse = _flash(static, pad(q, t_pad, d_pad), pad(k, s_pad, d_pad), pad(v, s_pad, e_pad), plan,
+    pad = lambda x, n, e: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, e)))
+    leaves, treedef = jax.tree.flatten(problem)
+    static = _Static(treedef, tuple(jnp.shape(x) for x in leaves), tiles, backend.interpret())
+    out, lse = _flash(static, pad(q, t_len, d_pad), pad(k, s_len, d_pad), pad(v, s_len, e_pad), plans,
                       tuple(jnp.reshape(x, (-1,) if jnp.ndim(x) == 0 else jnp.shape(x)) for x in leaves))
     return out[:, : d.q_len, :, : d.v_dim], lse[:, :, : d.q_len].transpose(0, 2, 1)
+
+
+def _plans(problem: Problem, tiles: BlockSizes):
+    """The visit lists of each pass: non-empty tiles by row (forward, dq) and by column (dk, dv),
+    as ``(classes, order, counts)``; passes with the same tiles share one block map."""
+    maps = {}
+
+    def block_map(shape):
+        if shape not in maps:
+            maps[shape] = tiling.tile_plan(problem, *shape)
+        return maps[shape]
+
+    by_row = lambda c: (c.astype(jnp.int32), *tiling.compact(c))
+    by_col = lambda c: (c.astype(jnp.int32), *tiling.compact(c.T))
+    return by_row(block_map(tiles.forward)), by_row(block_map(tiles.dq)), by_col(block_map(tiles.dkv))
 
 
 def _whole(x):
     """A BlockSpec giving every program the whole array (block-map tables, mask/mod arrays)."""
     return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
-
-
-def _visit(count, tile_of, is_full, body, init):
-    """``body(tile, masked, carry)`` over ``count`` listed tiles, mask-free on FULL ones."""
-    def step(j, carry):
-        t = tile_of(j)
-        return lax.cond(is_full(t), functools.partial(body, t, False), functools.partial(body, t, True), carry)
-
-    return lax.fori_loop(0, count, step, init)
 
 
 def _dot(a, b, trans_b=False):
@@ -96,17 +115,17 @@ def _dot(a, b, trans_b=False):
 def _tile_logits(static, problem, q, k, q_idx, kv_idx, bh):
     """Logits ``[1, 1, bq, bk]`` and the vjp of the score mod with respect to raw scores."""
     raw = (_dot(q, k, trans_b=True) * static.scale)[None, None]
-    return jax.vjp(lambda s: _common.modify(problem, problem.score_mod, s, q_idx, kv_idx, bh), raw)
+    return jax.vjp(lambda s: tiling.modify(problem, problem.score_mod, s, q_idx, kv_idx, bh), raw)
 
 
 def _tile_grads(static, problem, q, k, v, do, lse, delta, q_idx, kv_idx, bh, masked):
     """Recomputes a tile for the backward: ``(p [bq, bk], ds [bq, bk])``, where ``p`` are the
     weights that multiplied the values and ``ds`` the gradient of the raw scores ``q k^T``."""
     s, mod_vjp = _tile_logits(static, problem, q, k, q_idx, kv_idx, bh)
-    ok = _common.allowed(problem, q_idx, kv_idx, bh) if masked else None
+    ok = tiling.allowed(problem, q_idx, kv_idx, bh) if masked else None
     dp = _dot(do, v, trans_b=True)[None, None]
-    zs = _common.dropout_scale(problem, q_idx, kv_idx, bh)
-    p, ds, _ = _common.tile_backward(problem.normalizer, problem.lengths[1], s, ok, lse, delta, dp, zs)
+    zs = tiling.dropout_scale(problem, q_idx, kv_idx, bh)
+    p, ds, _ = tiling.tile_backward(problem.normalizer, problem.lengths[1], s, ok, lse, delta, dp, zs)
     (ds_raw,) = mod_vjp(ds)
     return p[0, 0], ds_raw[0, 0]
 
@@ -121,7 +140,7 @@ def _fwd_kernel(classes_ref, order_ref, counts_ref, q_ref, k_ref, v_ref, *refs, 
     b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     problem = static.problem(leaf_refs)
     normalizer, S = problem.normalizer, problem.lengths[1]
-    bq, bk = static.block_q, static.block_k
+    bq, bk = static.tiles.forward
     q = q_ref[...]  # [bq, D]
     q_idx = i * bq + lax.iota(jnp.int32, bq)
 
@@ -130,20 +149,20 @@ def _fwd_kernel(classes_ref, order_ref, counts_ref, q_ref, k_ref, v_ref, *refs, 
         v = v_ref[pl.ds(kt * bk, bk), :]  # [bk, E]
         kv_idx = kt * bk + lax.iota(jnp.int32, bk)
         s, _ = _tile_logits(static, problem, q, k, q_idx, kv_idx, (b, h))  # [1, 1, bq, bk]
-        ok = _common.allowed(problem, q_idx, kv_idx, (b, h)) if masked else None
-        zs = _common.dropout_scale(problem, q_idx, kv_idx, (b, h))
+        ok = tiling.allowed(problem, q_idx, kv_idx, (b, h)) if masked else None
+        zs = tiling.dropout_scale(problem, q_idx, kv_idx, (b, h))
         pv = lambda p: _dot(p[0, 0], v)[None, None]  # [1, 1, bq, E]
         if normalizer.row_normalized:
-            return _common.softmax_update(carry, _common.masked_logits(s, ok, -jnp.inf), pv, zs)
-        return (carry[0] + pv(_common.elementwise_weights(normalizer, S, s, ok, zs)),)
+            return tiling.softmax_update(carry, tiling.masked_logits(s, ok, -jnp.inf), pv, zs)
+        return (carry[0] + pv(tiling.elementwise_weights(normalizer, S, s, ok, zs)),)
 
     E = o_ref.shape[-1]
     acc0 = jnp.zeros((1, 1, bq, E), jnp.float32)
-    visit = lambda init: _visit(counts_ref[i], lambda j: order_ref[i, j],
+    visit = lambda init: tiling.visit(counts_ref[i], lambda j: order_ref[i, j],
                                 lambda kt: classes_ref[i, kt] == FULL, body, init)
     if normalizer.row_normalized:
         m0 = jnp.full((1, 1, bq), -jnp.inf, jnp.float32)
-        out, lse = _common.softmax_finish(*visit((m0, jnp.zeros((1, 1, bq), jnp.float32), acc0)))
+        out, lse = tiling.softmax_finish(*visit((m0, jnp.zeros((1, 1, bq), jnp.float32), acc0)))
     else:
         (out,) = visit((acc0,))
         lse = jnp.zeros((1, 1, bq), jnp.float32)
@@ -151,13 +170,12 @@ def _fwd_kernel(classes_ref, order_ref, counts_ref, q_ref, k_ref, v_ref, *refs, 
     lse_ref[...] = lse[0, 0]
 
 
-def _forward(static: _Static, q, k, v, plan, leaves):
-    classes, order, counts, _, _ = plan
-    d = static.dims
+def _forward(static: _Static, q, k, v, plans, leaves):
+    classes, order, counts = plans[0]
     B, Tp, H, D = q.shape
     Sp, E = k.shape[1], v.shape[-1]
-    bq, bk, G = static.block_q, static.block_k, d.groups
-    nq = Tp // bq
+    (bq, _), G = static.tiles.forward, static.dims.groups
+    nq = classes.shape[0]
     in_specs = [
         _whole(classes), _whole(order), _whole(counts),
         pl.BlockSpec((None, bq, None, D), lambda b, h, i: (b, i, h, 0)),
@@ -191,7 +209,7 @@ def _dq_kernel(classes_ref, order_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, 
     leaf_refs, (dq_ref,) = refs[:n], refs[n:]
     b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     problem = static.problem(leaf_refs)
-    bq, bk = static.block_q, static.block_k
+    bq, bk = static.tiles.dq
     q, do = q_ref[...], do_ref[...]  # [bq, D], [bq, E]
     lse, delta = lse_ref[...][None, None, :, None], delta_ref[...][None, None, :, None]
     q_idx = i * bq + lax.iota(jnp.int32, bq)
@@ -203,7 +221,7 @@ def _dq_kernel(classes_ref, order_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, 
         _, ds = _tile_grads(static, problem, q, k, v, do, lse, delta, q_idx, kv_idx, (b, h), masked)
         return dq + _dot(ds, k) * static.scale
 
-    dq = _visit(counts_ref[i], lambda j: order_ref[i, j], lambda kt: classes_ref[i, kt] == FULL,
+    dq = tiling.visit(counts_ref[i], lambda j: order_ref[i, j], lambda kt: classes_ref[i, kt] == FULL,
                 body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
@@ -214,7 +232,7 @@ def _dkv_kernel(classes_ref, order_t_ref, counts_t_ref, q_ref, k_ref, v_ref, do_
     leaf_refs, (dk_ref, dv_ref) = refs[:n], refs[n:]
     b, kvh, kt = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     problem = static.problem(leaf_refs)
-    bq, bk, G = static.block_q, static.block_k, static.dims.groups
+    (bq, bk), G = static.tiles.dkv, static.dims.groups
     k, v = k_ref[...], v_ref[...]  # [bk, D], [bk, E]
     kv_idx = kt * bk + lax.iota(jnp.int32, bk)
     dk = jnp.zeros(k.shape, jnp.float32)
@@ -232,28 +250,30 @@ def _dkv_kernel(classes_ref, order_t_ref, counts_t_ref, q_ref, k_ref, v_ref, do_
             p, ds = _tile_grads(static, problem, q, k, v, do, lse, delta, q_idx, kv_idx, (b, h), masked)
             return dk + _dot(ds.T, q) * static.scale, dv + _dot(p.T, do)
 
-        dk, dv = _visit(counts_t_ref[kt], lambda j: order_t_ref[kt, j],
+        dk, dv = tiling.visit(counts_t_ref[kt], lambda j: order_t_ref[kt, j],
                         lambda i: classes_ref[i, kt] == FULL, body, (dk, dv))
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _backward_kernels(static: _Static, q, k, v, plan, leaves, out, lse, d_out, d_lse):
-    classes, order, counts, order_t, counts_t = plan
-    d = static.dims
+def _backward_kernels(static: _Static, q, k, v, plans, leaves, out, lse, d_out, d_lse):
     B, Tp, H, D = q.shape
     Sp, K, E = k.shape[1], k.shape[2], v.shape[-1]
-    bq, bk, G = static.block_q, static.block_k, d.groups
+    G = static.dims.groups
     f32 = lambda x: x.astype(jnp.float32)
-    # delta = rowsum(dO * O) - dlse (softmax's correction term), [B, H, Tp].
-    delta = (f32(d_out) * f32(out)).sum(-1).transpose(0, 2, 1) - d_lse
-    lse = jnp.where(jnp.isneginf(lse), 0.0, lse)  # rows with no key: their weights are 0 anyway
+    # delta = rowsum(dO * O) - dlse (softmax's correction term), [B, H, Tp]. Padding rows that
+    # no forward tile covered hold garbage: their delta and lse become 0 (their dO is 0).
+    real = (jnp.arange(Tp) < static.dims.q_len)[None, None, :]
+    delta = jnp.where(real, (f32(d_out) * f32(out)).sum(-1).transpose(0, 2, 1) - d_lse, 0.0)
+    # Rows with no key: their weights are 0 anyway.
+    lse = jnp.where(real & ~jnp.isneginf(lse), lse, 0.0)
     leaf_specs = [_whole(x) for x in leaves]
-    tables = (classes, order, counts)
+    tables = plans[1]
+    bq, _ = static.tiles.dq
 
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, static=static),
-        grid=(B, H, Tp // bq),
+        grid=(B, H, tables[0].shape[0]),
         in_specs=[
             *(_whole(x) for x in tables),
             pl.BlockSpec((None, bq, None, D), lambda b, h, i: (b, i, h, 0)),
@@ -270,10 +290,11 @@ def _backward_kernels(static: _Static, q, k, v, plan, leaves, out, lse, d_out, d
         name="attnjax_flash_dq",
     )(*tables, q, k, v, d_out, lse, delta, *leaves)
 
-    t_tables = (classes, order_t, counts_t)
+    t_tables = plans[2]
+    _, bk = static.tiles.dkv
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, static=static),
-        grid=(B, K, Sp // bk),
+        grid=(B, K, t_tables[0].shape[1]),
         in_specs=[
             *(_whole(x) for x in t_tables),
             pl.BlockSpec((None, Tp, G, D), lambda b, kvh, j: (b, 0, kvh, 0)),
@@ -300,30 +321,30 @@ def _backward_kernels(static: _Static, q, k, v, plan, leaves, out, lse, d_out, d
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(static, q, k, v, plan, leaves):
-    return _forward(static, q, k, v, plan, leaves)
+def _flash(static, q, k, v, plans, leaves):
+    return _forward(static, q, k, v, plans, leaves)
 
 
-def _flash_fwd(static, q, k, v, plan, leaves):
+def _flash_fwd(static, q, k, v, plans, leaves):
     # symbolic_zeros=True wraps each argument leaf, telling which ones are differentiated.
     if any(x.perturbed for x in jax.tree.leaves(leaves, is_leaf=_is_primal)):
         raise NotImplementedError(
             "the Pallas flash kernel does not differentiate score-mod or normalizer parameters"
         )
     value = lambda tree: jax.tree.map(lambda x: x.value, tree, is_leaf=_is_primal)
-    q, k, v, plan, leaves = value((q, k, v, plan, leaves))
-    out, lse = _forward(static, q, k, v, plan, leaves)
-    return (out, lse), (q, k, v, plan, leaves, out, lse)
+    q, k, v, plans, leaves = value((q, k, v, plans, leaves))
+    out, lse = _forward(static, q, k, v, plans, leaves)
+    return (out, lse), (q, k, v, plans, leaves, out, lse)
 
 
 def _flash_bwd(static, res, cotangents):
-    q, k, v, plan, leaves, out, lse = res
+    q, k, v, plans, leaves, out, lse = res
     d_out, d_lse = cotangents
     d_out = jnp.zeros_like(out) if _is_zero(d_out) else d_out
     d_lse = jnp.zeros_like(lse) if _is_zero(d_lse) else d_lse
-    dq, dk, dv = _backward_kernels(static, q, k, v, plan, leaves, out, lse, d_out, d_lse)
+    dq, dk, dv = _backward_kernels(static, q, k, v, plans, leaves, out, lse, d_out, d_lse)
     none = lambda tree: jax.tree.map(lambda _: None, tree)
-    return dq, dk, dv, none(plan), none(leaves)
+    return dq, dk, dv, none(plans), none(leaves)
 
 
 def _is_primal(x) -> bool:

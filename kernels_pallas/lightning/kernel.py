@@ -38,9 +38,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from attnjax.core.utils import round_up
 from kernels_pallas import backend
 
-DEFAULT_BLOCK = 64
 F32 = jnp.float32
 
 
@@ -49,10 +49,6 @@ class _Static:
     length: int  # real tokens T (the arrays hold n * block)
     block: int
     scale: float
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 def _dot(x, y, contract=(1, 0), dtype=F32):
@@ -229,26 +225,17 @@ def _lightning_bwd(static, res, cotangents):
 _lightning.defvjp(_lightning_fwd, _lightning_bwd)
 
 
-def _head_dim_padding(n: int) -> int:
-    # Triton block shapes must be powers of two (>= 16 for tensor-core dots); elsewhere no padding.
-    if backend.platform() != "gpu":
-        return 0
-    return max(16, 1 << (n - 1).bit_length()) - n
-
-
-def lightning(q, k, v, a, docs, s0, scale: float, block_size: int | None = None):
-    """Lightning attention with the Pallas kernels; the problem as in :mod:`attnjax.ops._lightning`.
+def lightning(q, k, v, a, docs, s0, scale: float, block_size: int):
+    """Lightning attention with the Pallas kernels; the problem as in :mod:`attnjax.ops.lightning`.
 
     Returns ``(out [B, T, H, E] float32, final_state [B, H, D, E] float32)``.
     """
+    backend.require_supported("lightning")
     B, T, H, D = q.shape
     E = v.shape[-1]
-    C = block_size or DEFAULT_BLOCK
-    C = min(C, _round_up(T, 8))
-    if backend.platform() == "gpu":
-        C = max(16, 1 << (C - 1).bit_length())
-    Tp = _round_up(T, C)
-    pd, pe = _head_dim_padding(D), _head_dim_padding(E)
+    C = backend.clip_tile(block_size, T)
+    Tp = round_up(T, C)
+    pd, pe = backend.pad_head_dim(D) - D, backend.pad_head_dim(E) - E
 
     def seq(x, pad_last):  # [B, T, H, *] -> [B, Tp, H, *]
         if Tp == T and pad_last == 0:

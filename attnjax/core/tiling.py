@@ -1,0 +1,352 @@
+"""Tiling: what every blockwise implementation (xla, the Pallas kernels) shares.
+
+A problem (:class:`Problem`: sizes, scale, mask, score mod, normalizer, dropout, shard) is cut
+into tiles; a mask's block map classifies each tile as ``EMPTY``, ``PARTIAL`` or ``FULL``; the
+non-empty tiles of each row (or column) are compacted into a visit list; each visited tile's
+logits, mask and dropout are evaluated by the functions below, and the online softmax folds it in.
+
+Letter legend (used in every shape comment of attnjax): B batch, T query length, S key length,
+H query heads, K key/value heads (K divides H; G = H // K queries share a key head),
+D query/key head dim, E value head dim.
+
+The logits of a tile are computed by one function, :func:`logits`, for the dense reference
+(one tile covering everything), the blockwise XLA path and its hand-written backward (through
+``jax.vjp`` of this same function), so the three cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Float, Int8
+
+from attnjax.core.pytree import pytree_dataclass
+from attnjax.core.utils import precision, round_up
+
+if TYPE_CHECKING:  # the layers above core; core imports nothing from them
+    from attnjax.dropout import Dropout
+    from attnjax.masks import Mask
+    from attnjax.normalizers import Normalizer
+    from attnjax.score_mods import ScoreMod
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+"""Tile classes in a block map."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+    """Static sizes of one attention problem."""
+
+    batch: int
+    q_len: int
+    kv_len: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    v_dim: int
+
+    @property
+    def groups(self) -> int:
+        return self.heads // self.kv_heads
+
+
+@pytree_dataclass(data=("batch_offset", "head_offset", "q_offset", "kv_offset"),
+                  meta=("batch", "heads", "q_len", "kv_len"))
+class Shard:
+    """Where a call's ``q``/``k``/``v`` sit inside a larger attention problem.
+
+    A sharded computation (``attnjax.parallel``) calls an op on pieces: a device's batch
+    elements and heads, its block of queries, the block of keys it holds at this step of a ring.
+    Given a ``Shard``, masks, score mods and dropout see the *global* sizes ``batch``, ``heads``,
+    ``q_len``, ``kv_len`` and the global indices ``offset + local index``, so every piece computes
+    exactly its part of the unsharded answer (same mask alignment, ALiBi distances, dropped
+    weights). Mask and score-mod arrays (segment ids, slopes, tables) are global, not sliced.
+    Offsets are int32 scalars and may be traced (e.g. from ``lax.axis_index``).
+    """
+
+    batch: int
+    heads: int
+    q_len: int
+    kv_len: int
+    batch_offset: Array
+    head_offset: Array
+    q_offset: Array
+    kv_offset: Array
+
+    @classmethod
+    def make(cls, *, batch: int, heads: int, q_len: int, kv_len: int,
+             batch_offset=0, head_offset=0, q_offset=0, kv_offset=0) -> "Shard":
+        """A shard of a problem with these global sizes, at these offsets (ints or int arrays)."""
+        i32 = lambda x: jnp.asarray(x, jnp.int32)
+        return cls(batch, heads, q_len, kv_len, i32(batch_offset), i32(head_offset), i32(q_offset),
+                   i32(kv_offset))
+
+
+@pytree_dataclass(data=("mask", "score_mod", "normalizer", "dropout", "shard"), meta=("dims", "scale"))
+class Problem:
+    """Everything but q, k, v and a dense bias: what to compute.
+
+    A pytree: ``dims`` and ``scale`` are static; ``mask``, ``score_mod``, ``normalizer``,
+    ``dropout`` and ``shard`` are pytrees whose arrays may be traced and differentiated (a
+    ``custom_vjp`` returns the cotangent of a problem as a problem with ``None`` where nothing
+    is differentiable)."""
+
+    dims: Dims
+    scale: float
+    mask: Mask | None
+    score_mod: ScoreMod | None
+    normalizer: Normalizer
+    dropout: Dropout | None = None
+    shard: Shard | None = None
+
+    @property
+    def lengths(self) -> tuple[int, int]:
+        """``(q_len, kv_len)`` of the whole problem (the global ones for a shard)."""
+        if self.shard is None:
+            return self.dims.q_len, self.dims.kv_len
+        return self.shard.q_len, self.shard.kv_len
+
+    @property
+    def global_batch(self) -> int:
+        return self.dims.batch if self.shard is None else self.shard.batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """Tile sizes of one blockwise computation (static; a ``custom_vjp`` non-differentiable arg)."""
+
+    block_q: int
+    block_k: int
+
+
+def tile_plan(problem: Problem, block_q: int, block_k: int) -> Int8[Array, "nq nk"]:
+    """The tile classes of a problem, ``[ceil(T / block_q), ceil(S / block_k)]`` int8, reduced
+    over batch and heads. A last key tile that sticks out of the keys is at most PARTIAL (its
+    padding must be masked); padding the arrays to whole tiles is the caller's."""
+    d = problem.dims
+    s_pad = round_up(d.kv_len, block_k) - d.kv_len
+    if problem.mask is None:
+        nq, nk = -(-d.q_len // block_q), -(-d.kv_len // block_k)
+        classes = jnp.full((1, 1, nq, nk), FULL, jnp.int8)
+    else:
+        sh = problem.shard
+        window = None if sh is None else (sh.q_offset, d.q_len, sh.kv_offset, d.kv_len)
+        classes = problem.mask.block_map(*problem.lengths, block_q, block_k,
+                                         batch=problem.global_batch, window=window)
+    classes = collapse(classes, pad_kv=s_pad > 0)
+    if problem.shard is not None:
+        classes = _outside_keys(classes, problem.shard, block_k, d.kv_len)
+    return classes
+
+
+def _outside_keys(classes, shard: Shard, block_k: int, kv_count: int):
+    """A shard's keys may stick out of the global sequence (the zero-filled halo of a device at
+    the edge): tiles entirely outside become EMPTY, tiles partly outside at most PARTIAL."""
+    lo = shard.kv_offset + jnp.arange(classes.shape[1], dtype=jnp.int32) * block_k
+    hi = jnp.minimum(lo + block_k, shard.kv_offset + kv_count) - 1
+    outside = (hi < 0) | (lo >= shard.kv_len)
+    straddles = ~outside & ((lo < 0) | (hi >= shard.kv_len))
+    classes = jnp.where(outside[None, :], EMPTY, classes)
+    return jnp.where(straddles[None, :] & (classes == FULL), PARTIAL, classes).astype(jnp.int8)
+
+
+def visit(count, tile_of, is_full, body, init):
+    """The visit loop of every blockwise path: ``body(tile, masked, carry)`` over the ``count``
+    tiles ``tile_of(0), tile_of(1), ...`` of a compacted list, mask-free on FULL tiles."""
+
+    def step(j, carry):
+        t = tile_of(j)
+        return lax.cond(is_full(t), functools.partial(body, t, False), functools.partial(body, t, True), carry)
+
+    return lax.fori_loop(0, count, step, init)
+
+
+def compact(classes: Array):
+    """Per row of ``classes``: ``order`` lists the non-empty columns first, in increasing order
+    (then the rest), and ``counts`` says how many there are."""
+    nonempty = classes != EMPTY
+    order = jnp.argsort(~nonempty, axis=1, stable=True).astype(jnp.int32)
+    return order, nonempty.sum(1, dtype=jnp.int32)
+
+
+def collapse(block_map: Int8[Array, "b h nq nk"], pad_kv: bool = False) -> Int8[Array, "nq nk"]:
+    """Reduces a block map over batch and heads: a tile is EMPTY/FULL only if it is for all.
+
+    ``pad_kv`` marks the last key tile PARTIAL where FULL: a padded tile must be masked.
+    """
+    all_empty = (block_map == EMPTY).all((0, 1))
+    all_full = (block_map == FULL).all((0, 1))
+    classes = jnp.where(all_empty, EMPTY, jnp.where(all_full, FULL, PARTIAL)).astype(jnp.int8)
+    if pad_kv:
+        last = classes[:, -1]
+        classes = classes.at[:, -1].set(jnp.where(last == FULL, PARTIAL, last).astype(jnp.int8))
+    return classes
+
+
+def scores(q: Float[Array, "B t H D"], k: Float[Array, "B s K D"], scale: float) -> Array:
+    """Scaled dot products in float32, ``[B, H, t, s]``, without repeating K/V heads for GQA."""
+    B, t, H, D = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, t, K, H // K, D)
+    s = jnp.einsum(
+        "btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32, precision=precision(q.dtype)
+    )
+    return s.reshape(B, H, t, k.shape[1]) * scale
+
+
+def weighted_values(w: Float[Array, "B H t s"], v: Float[Array, "B s K E"]) -> Array:
+    """``w @ v`` per head in float32, ``[B, H, t, E]``."""
+    B, H, t, s = w.shape
+    K = v.shape[2]
+    wg = w.reshape(B, K, H // K, t, s)
+    out = jnp.einsum(
+        "bkgts,bske->bkgte", wg, v, preferred_element_type=jnp.float32, precision=precision(v.dtype)
+    )
+    return out.reshape(B, H, t, v.shape[-1])
+
+
+def index_arrays(problem: Problem, q_idx: Array, kv_idx: Array, bh=None):
+    """Broadcasting global index arrays ``b, h, q, kv`` for a tile at local positions
+    ``q_idx``/``kv_idx`` (shifted by the problem's :class:`Shard` offsets, if any).
+
+    ``bh=(b, h)`` gives scalar batch/head indices (a kernel instance's program ids); by default
+    every batch element and head is covered.
+    """
+    d = problem.dims
+    if bh is None:
+        b = jnp.arange(d.batch, dtype=jnp.int32)[:, None, None, None]
+        h = jnp.arange(d.heads, dtype=jnp.int32)[None, :, None, None]
+    else:
+        b, h = (jnp.reshape(x, (1, 1, 1, 1)).astype(jnp.int32) for x in bh)
+    q, kv = q_idx[None, None, :, None], kv_idx[None, None, None, :]
+    sh = problem.shard
+    if sh is not None:
+        b, h, q, kv = b + sh.batch_offset, h + sh.head_offset, q + sh.q_offset, kv + sh.kv_offset
+    return b, h, q, kv
+
+
+def modify(problem: Problem, score_mod: ScoreMod | None, s: Array, q_idx, kv_idx, bh=None) -> Array:
+    """Applies ``score_mod`` to float32 scores ``s`` (``[B|1, H|1, t, s]``)."""
+    if score_mod is None:
+        return s
+    return score_mod(*problem.lengths, s, *index_arrays(problem, q_idx, kv_idx, bh))
+
+
+def logits(
+    problem: Problem,
+    score_mod: ScoreMod | None,
+    q: Array,
+    k: Array,
+    bias: Array | None,
+    q_idx: Array,
+    kv_idx: Array,
+) -> Float[Array, "B H t s"]:
+    """Logits of a tile: ``score_mod(scale * q k^T + bias)``, float32.
+
+    ``score_mod`` is passed separately from ``problem`` so callers can differentiate it.
+    """
+    s = scores(q, k, problem.scale)
+    if bias is not None:
+        s = s + bias.astype(jnp.float32)
+    return modify(problem, score_mod, s, q_idx, kv_idx)
+
+
+def allowed(problem: Problem, q_idx: Array, kv_idx: Array, bh=None) -> Array:
+    """Which entries of a tile are attended: the mask, and keys inside the real sequence."""
+    valid = kv_idx[None, None, None, :] < problem.dims.kv_len
+    indices = index_arrays(problem, q_idx, kv_idx, bh)
+    if problem.shard is not None:  # a shard's keys may stick out of the global sequence
+        valid = valid & (indices[3] >= 0) & (indices[3] < problem.shard.kv_len)
+    if problem.mask is None:
+        return valid
+    return valid & problem.mask.predicate(*problem.lengths, *indices)
+
+
+def dropout_scale(problem: Problem, q_idx: Array, kv_idx: Array, bh=None) -> Array | None:
+    """``keep / (1 - rate)`` for a tile, or None without dropout."""
+    if problem.dropout is None:
+        return None
+    return problem.dropout.scale(*index_arrays(problem, q_idx, kv_idx, bh))
+
+
+def _dropped(w: Array, zs: Array | None) -> Array:
+    return w if zs is None else w * zs
+
+
+# ---------------------------------------------------------------------------------------------
+# Tile updates shared by the blockwise paths (xla and the Pallas kernels).
+
+
+def softmax_update(carry, s: Array, pv, zs: Array | None = None):
+    """One online-softmax step: fold a tile of logits ``s`` (masked entries ``-inf``) into the
+    running ``(max, sum, acc)``; ``pv(p)`` multiplies tile weights by the tile's values. With
+    dropout (``zs = keep / (1 - rate)``) the sum counts every weight and ``acc`` the kept ones."""
+    m, l, acc = carry
+    m_new = jnp.maximum(m, s.max(-1))
+    # Rows that have seen no allowed key yet keep m = -inf; shift them by 0 instead so exp()
+    # gives exact zeros rather than NaN (-inf - -inf).
+    m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
+    p = jnp.exp(s - m_safe[..., None])
+    alpha = jnp.exp(m - m_safe)
+    return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv(_dropped(p, zs))
+
+
+def softmax_finish(m: Array, l: Array, acc: Array):
+    """Output and log-sum-exp; a row with no allowed key gives zeros and ``-inf``."""
+    empty = l == 0.0
+    out = acc / jnp.where(empty, 1.0, l)[..., None]
+    lse = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
+    return out, lse
+
+
+def merge(parts) -> tuple[Float[Array, "... E"], Float[Array, "..."]]:
+    """Merges partial attentions ``[(out [..., E], lse [...]), ...]`` (float32) over disjoint
+    key sets into ``(out, lse)`` of the union; a row with ``lse = -inf`` everywhere gives zeros."""
+    lses = jnp.stack([lse for _, lse in parts])
+    # The shift is only for range; it cancels, so no gradient needs to flow through it.
+    top = jax.lax.stop_gradient(lses.max(0))
+    top = jnp.where(jnp.isneginf(top), 0.0, top)
+    ws = jnp.exp(lses - top)  # [n, ...]; exactly 0 for lse = -inf
+    total = ws.sum(0)
+    safe = jnp.where(total == 0, 1.0, total)
+    out = sum(w[..., None] * o for w, (o, _) in zip(ws, parts)) / safe[..., None]
+    lse = jnp.where(total == 0, -jnp.inf, top + jnp.log(safe))
+    return out, lse
+
+
+def masked_logits(s: Array, ok: Array | None, fill: float) -> Array:
+    return s if ok is None else jnp.where(ok, s, fill)
+
+
+def elementwise_weights(normalizer: Normalizer, kv_len: int, s: Array, ok: Array | None,
+                        zs: Array | None = None) -> Array:
+    """``f(s)`` with masked entries exactly zero (``f`` never sees a masked logit), dropped."""
+    w = normalizer.weights(kv_len, masked_logits(s, ok, 0.0))
+    return _dropped(w if ok is None else jnp.where(ok, w, 0.0), zs)
+
+
+def tile_backward(normalizer: Normalizer, kv_len: int, s, ok, lse, delta, dp, zs=None):
+    """Per-tile backward of the normalizer: returns ``(p, ds, d_normalizer)``.
+
+    ``s`` are the tile's logits, ``ok`` its mask (None for a full tile), ``dp = dO V^T`` and
+    ``zs`` the dropout scale (or None). ``p`` are the weights that multiplied the values (after
+    dropout). For softmax ``lse`` and ``delta = rowsum(dO * O) - dlse`` are per row
+    (``[..., t, 1]``) and ``ds = p * (dp * zs - delta)`` (dropout leaves ``delta``'s form
+    unchanged since ``O`` already includes it); elementwise normalizers differentiate ``f`` with
+    ``jax.vjp``.
+    """
+    dp = _dropped(dp, zs)
+    if normalizer.row_normalized:
+        p = jnp.exp(masked_logits(s, ok, -jnp.inf) - lse)
+        zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), normalizer)
+        return _dropped(p, zs), p * (dp - delta), zeros
+    p, w_vjp = jax.vjp(lambda s_, n_: n_.weights(kv_len, s_), masked_logits(s, ok, 0.0), normalizer)
+    if ok is not None:
+        p, dp = jnp.where(ok, p, 0.0), jnp.where(ok, dp, 0.0)
+    ds, d_norm = w_vjp(dp)
+    return _dropped(p, zs), ds, d_norm

@@ -1,0 +1,42 @@
+"""Small rules every implementation shares, defined once: rounding, the default logit scale and
+the matmul precision for an input dtype."""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from jax import lax
+
+
+def round_up(n: int, m: int) -> int:
+    """The smallest multiple of ``m`` that is ``>= n``."""
+    return -(-n // m) * m
+
+
+def next_pow2(n: int, minimum: int = 1) -> int:
+    """The smallest power of two that is ``>= max(n, minimum)``."""
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def default_scale(head_dim: int, scale: float | None = None) -> float:
+    """The logit scale: ``scale`` if given (a Python number), else ``1 / sqrt(head_dim)``.
+
+    A traced or array scale is refused: the scale is static in every implementation (a learned
+    temperature is a score mod, :func:`attnjax.score_mods.temperature`)."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(
+            f"scale must be a Python number (use score_mods.temperature for a learned one); got {scale!r}"
+        )
+    return float(scale)
+
+
+def precision(dtype) -> lax.Precision:
+    """Matmul precision for inputs of ``dtype``.
+
+    float32 inputs get float32 matmuls on every backend (TPU/GPU default to bf16/tf32 passes);
+    low-precision inputs use the native MXU/tensor-core path with float32 accumulation.
+    """
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT

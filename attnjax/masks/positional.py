@@ -1,0 +1,111 @@
+"""Positional masks: causal, sliding window, chunked and prefix-LM, aligned bottom-right
+(query ``i`` of ``T`` sits at position ``i + S - T`` among ``S`` keys)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jaxtyping import Array, Int
+
+from attnjax import _checks
+from attnjax.core.pytree import pytree_dataclass
+from attnjax.masks.base import Mask
+
+
+@pytree_dataclass()
+class Causal(Mask):
+    def predicate(self, q_len, kv_len, b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx + (kv_len - q_len)
+
+    def bounds(self, tiles, batch):
+        off = tiles.offset
+        return tiles.kv_lo <= tiles.q_hi + off, tiles.kv_hi <= tiles.q_lo + off
+
+
+@pytree_dataclass(meta=("left", "right"))
+class SlidingWindow(Mask):
+    left: int
+    right: int
+
+    def predicate(self, q_len, kv_len, b, h, q_idx, kv_idx):
+        pos = q_idx + (kv_len - q_len)
+        return (kv_idx >= pos - self.left) & (kv_idx <= pos + self.right)
+
+    def bounds(self, tiles, batch):
+        off = tiles.offset
+        may_any = (tiles.kv_hi >= tiles.q_lo + off - self.left) & (
+            tiles.kv_lo <= tiles.q_hi + off + self.right
+        )
+        must_all = (tiles.kv_lo >= tiles.q_hi + off - self.left) & (
+            tiles.kv_hi <= tiles.q_lo + off + self.right
+        )
+        return may_any, must_all
+
+
+@pytree_dataclass(meta=("size",))
+class Chunked(Mask):
+    size: int
+
+    def predicate(self, q_len, kv_len, b, h, q_idx, kv_idx):
+        return (q_idx + (kv_len - q_len)) // self.size == kv_idx // self.size
+
+    def bounds(self, tiles, batch):
+        off, n = tiles.offset, self.size
+        q_lo, q_hi = (tiles.q_lo + off) // n, (tiles.q_hi + off) // n
+        kv_lo, kv_hi = tiles.kv_lo // n, tiles.kv_hi // n
+        may_any = (q_lo <= kv_hi) & (kv_lo <= q_hi)
+        must_all = (q_lo == q_hi) & (kv_lo == kv_hi) & (q_lo == kv_lo)
+        return may_any, must_all
+
+
+@pytree_dataclass(data=("length",))
+class KeyPrefix(Mask):
+    """Keys before ``length`` (a scalar or one length per batch element) are visible."""
+
+    length: Array
+
+    def _at(self, b):
+        return self.length if jnp.ndim(self.length) == 0 else self.length[b]
+
+    def predicate(self, q_len, kv_len, b, h, q_idx, kv_idx):
+        return kv_idx < self._at(b)
+
+    def bounds(self, tiles, batch):
+        n = self._at(jnp.arange(batch)[:, None, None, None])
+        return tiles.kv_lo < n, tiles.kv_hi < n
+
+    def check(self, batch, heads, q_len, kv_len):
+        shape = jnp.shape(self.length)
+        if shape not in ((), (batch,)):
+            raise ValueError(f"prefix_len must be a scalar or have shape [batch={batch}]; got shape {shape}")
+
+
+def causal() -> Mask:
+    """Causal mask, bottom-right aligned: query ``i`` sees keys ``kv <= i + S - T``."""
+    return Causal()
+
+
+def sliding_window(left: int, right: int = 0) -> Mask:
+    """Band mask: query ``i`` (at position ``p = i + S - T``) sees keys ``p - left .. p + right``.
+
+    ``sliding_window(w)`` is causal local attention over the ``w`` previous tokens and itself.
+    """
+    left = _checks.positive_int("sliding_window left", left, allow_zero=True)
+    right = _checks.positive_int("sliding_window right", right, allow_zero=True)
+    return SlidingWindow(left, right)
+
+
+def chunked(size: int) -> Mask:
+    """Block-diagonal mask: positions attend within chunks of ``size`` (combine with ``causal``)."""
+    return Chunked(_checks.positive_int("chunked size", size))
+
+
+def prefix_lm(prefix_len: int | Int[Array, "B"]) -> Mask:
+    """Prefix-LM: bidirectional over the first ``prefix_len`` keys, causal after them.
+
+    ``prefix_len`` is an int or one length per batch element (``[B]``).
+    """
+    if isinstance(prefix_len, int):
+        _checks.positive_int("prefix_len", prefix_len, allow_zero=True)
+    length = jnp.asarray(prefix_len)
+    _checks.check_int_array("prefix_len", length)
+    return Causal() | KeyPrefix(length)

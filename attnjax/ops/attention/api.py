@@ -1,0 +1,178 @@
+"""The generic attention op: ``normalize(score_mod(scale * q k^T + bias), mask) v``."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from attnjax import _checks
+from attnjax.dropout import Dropout
+from attnjax.masks import Mask
+from attnjax.normalizers import Normalizer, as_normalizer
+from attnjax.core import blocks, dispatch
+from attnjax.core.blocks import BlockSizes
+from attnjax.core.dispatch import Implementation
+from attnjax.core.tiling import Dims, Problem, Shard
+from attnjax.core.utils import default_scale
+from attnjax.ops.attention import pallas, reference, xla
+from attnjax.score_mods import ScoreMod, as_score_mod
+
+
+def attention(
+    q: Float[Array, "B T H D"],
+    k: Float[Array, "B S K D"],
+    v: Float[Array, "B S K E"],
+    *,
+    mask: Mask | None = None,
+    score_mod: ScoreMod | None = None,
+    bias: Float[Array, "#B #H #T #S"] | None = None,
+    normalizer: str | Normalizer = "softmax",
+    sigmoid_bias: float | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    dropout_rate: float = 0.0,
+    dropout_key: PRNGKeyArray | None = None,
+    implementation: Implementation = None,
+    block_sizes: BlockSizes | None = None,
+    shard: Shard | None = None,
+) -> Float[Array, "B T H E"] | tuple[Float[Array, "B T H E"], Float[Array, "B T H"]]:
+    r"""Attention with a composable mask, score mod and normalizer.
+
+    .. math::
+
+        O = N\big(\mathrm{mod}(\tfrac{1}{\sqrt{D}} Q K^\top + \mathrm{bias}),\ \mathrm{mask}\big)\, V
+
+    where ``N`` is the normalizer (softmax over keys by default; sigmoid
+    ``sigma(s - log S)`` as in "Theory, Analysis, and Best Practices for Sigmoid
+    Self-Attention"; ``relu``; ``identity``) and masked entries get weight zero. A query with no
+    allowed key gives a zero output (never NaN). Arithmetic is float32 whatever the input dtype.
+
+    Args:
+      q: queries ``[B, T, H, D]``.
+      k: keys ``[B, S, K, D]``; ``K`` divides ``H`` (grouped-query attention: query head ``h``
+        uses key head ``h // (H // K)``; K/V are never repeated in memory).
+      v: values ``[B, S, K, E]``.
+      mask: an :mod:`attnjax.masks` mask (combine with ``&``, ``|``, ``~``). Positional masks are
+        aligned bottom-right: with ``T != S``, query ``i`` sits at position ``i + S - T``.
+      score_mod: an :mod:`attnjax.score_mods` mod, a callable ``(score, b, h, q_idx, kv_idx)``,
+        or a sequence of them (applied in order).
+      bias: additive logits, broadcastable to ``[B, H, T, S]`` (rank 4); it gets gradients.
+      normalizer: ``"softmax"``, ``"sigmoid"``, ``"relu"``, ``"identity"`` or a
+        :class:`attnjax.normalizers.Normalizer`.
+      sigmoid_bias: the sigmoid's bias ``b`` in ``sigma(s + b)``; default ``-log(S)``.
+      scale: logit scale; default ``1 / sqrt(D)``.
+      return_lse: also return the float32 log-sum-exp of each row's logits, ``[B, T, H]``
+        (``-inf`` for rows with no allowed key), to merge partial attentions. Softmax only.
+      dropout_rate: drop each attention weight with this probability (kept weights scaled by
+        ``1 / (1 - rate)``); for softmax, after normalizing. Which weights drop is a function of
+        ``dropout_key`` and the weight's ``(b, h, q, kv)`` indices, so every implementation
+        drops the same ones (see :mod:`attnjax.dropout`).
+      dropout_key: a ``jax.random`` key, required when ``dropout_rate > 0``.
+      implementation: ``None`` (best for the platform), ``"reference"`` (dense),
+        ``"xla"`` (blockwise, memory ``O(T * block)``, skips empty tiles), ``"pallas"``, or a
+        sequence of them tried in order.
+      block_sizes: tile sizes of the blockwise implementations (:class:`attnjax.ops.BlockSizes`;
+        ``None`` and unset fields take the platform's defaults).
+      shard: for sharded computations (:mod:`attnjax.parallel`): says that ``q``/``k``/``v`` are
+        a piece of a larger problem, so masks, score mods, dropout and the sigmoid's ``-log S``
+        use global sizes and positions (see :class:`attnjax.ops.Shard`).
+
+    Returns:
+      ``[B, T, H, E]`` in ``q.dtype``, and the log-sum-exp if ``return_lse``.
+
+    Example:
+
+    >>> import jax, jax.numpy as jnp
+    >>> from attnjax import masks, ops
+    >>> q = k = v = jax.random.normal(jax.random.key(0), (2, 10, 4, 8))
+    >>> out = ops.attention(q, k, v, mask=masks.causal())
+    >>> ref = ops.attention(q, k, v, mask=masks.causal(), implementation="reference")
+    >>> out.shape, bool(jnp.allclose(out, ref, atol=1e-5))
+    ((2, 10, 4, 8), True)
+    """
+    problem = make_problem(q, k, v, mask, score_mod, bias, normalizer, sigmoid_bias, scale, shard)
+    if dropout_rate != 0.0 or dropout_key is not None:
+        problem = dataclasses.replace(problem, dropout=Dropout.make(dropout_rate, dropout_key))
+    if return_lse and not problem.normalizer.row_normalized:
+        raise ValueError(
+            f"return_lse needs a row-normalized normalizer (softmax); got {type(problem.normalizer).__name__}"
+        )
+    blocks.check(block_sizes)
+    impls = {
+        "reference": lambda: reference.attention(problem, q, k, v, bias),
+        "xla": lambda: xla.attention(problem, q, k, v, bias, block_sizes),
+        "pallas": lambda: pallas.attention(problem, q, k, v, bias, block_sizes),
+    }
+    out, lse = dispatch.run("attention", impls, implementation)
+    return (out, lse) if return_lse else out
+
+
+def sigmoid_attention(
+    q: Float[Array, "B T H D"],
+    k: Float[Array, "B S K D"],
+    v: Float[Array, "B S K E"],
+    *,
+    mask: Mask | None = None,
+    sigmoid_bias: float | None = None,
+    scale: float | None = None,
+    score_mod: ScoreMod | None = None,
+    bias: Float[Array, "#B #H #T #S"] | None = None,
+    dropout_rate: float = 0.0,
+    dropout_key: PRNGKeyArray | None = None,
+    implementation: Implementation = None,
+    block_sizes: BlockSizes | None = None,
+    shard: Shard | None = None,
+) -> Float[Array, "B T H E"]:
+    r"""Sigmoid attention ("Theory, Analysis, and Best Practices for Sigmoid Self-Attention",
+    Ramapuram et al., 2024): :math:`O = \sigma(\mathrm{scale}\, Q K^\top + b)\, V`, with
+    ``b = -log(S)`` by default.
+
+    No row max, no row sum: each weight depends on its own logit only. Arguments are those of
+    :func:`attention`.
+
+    >>> import jax
+    >>> from attnjax import ops
+    >>> q = k = v = jax.random.normal(jax.random.key(0), (1, 6, 2, 4))
+    >>> ops.sigmoid_attention(q, k, v).shape
+    (1, 6, 2, 4)
+    """
+    return attention(
+        q, k, v, mask=mask, score_mod=score_mod, bias=bias, normalizer="sigmoid",
+        sigmoid_bias=sigmoid_bias, scale=scale, dropout_rate=dropout_rate, dropout_key=dropout_key,
+        implementation=implementation, block_sizes=block_sizes, shard=shard,
+    )
+
+
+def make_problem(q, k, v, mask, score_mod, bias, normalizer, sigmoid_bias, scale, shard=None) -> Problem:
+    """Validates the arguments of the generic op (raising errors that name the argument) and
+    bundles them into a :class:`attnjax.core.Problem`; ops built on attention reuse it."""
+    B, T, S, H, K, D, E = _checks.check_qkv(q, k, v)
+    dims = Dims(B, T, S, H, K, D, E)
+    if shard is not None:
+        _check_shard(shard, dims)
+        B, H, T, S = shard.batch, shard.heads, shard.q_len, shard.kv_len  # masks see global sizes
+    if mask is not None:
+        if not isinstance(mask, Mask):
+            raise TypeError(f"mask must be an attnjax.masks mask or None; got {type(mask).__name__}")
+        mask.check(B, H, T, S)
+    score_mod = as_score_mod(score_mod)
+    if score_mod is not None:
+        score_mod.check(H)
+    if bias is not None:
+        d = dims
+        _checks.broadcastable_to("bias", bias, (d.batch, d.heads, d.q_len, d.kv_len),
+                                 ("batch", "heads", "q_len", "kv_len"))
+        _checks.check_float("bias", bias)
+    return Problem(dims, default_scale(D, scale), mask, score_mod, as_normalizer(normalizer, sigmoid_bias),
+                   shard=shard)
+
+
+def _check_shard(shard, dims: Dims) -> None:
+    if not isinstance(shard, Shard):
+        raise TypeError(f"shard must be an attnjax.ops.Shard or None; got {type(shard).__name__}")
+    for name, local, total in (("batch", dims.batch, shard.batch), ("heads", dims.heads, shard.heads),
+                               ("q_len", dims.q_len, shard.q_len), ("kv_len", dims.kv_len, shard.kv_len)):
+        if total < local:
+            raise ValueError(f"shard.{name}={total} is the global size; it cannot be smaller than the "
+                             f"local {name}={local} of q/k/v")

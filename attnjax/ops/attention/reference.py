@@ -1,0 +1,41 @@
+"""Dense reference: materializes the ``[B, H, T, S]`` score matrix, float32 throughout.
+
+Obviously correct by construction and differentiated by plain autodiff; every faster path is
+tested against it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attnjax.core import tiling
+from attnjax.normalizers import MASKED
+from attnjax.core.tiling import Problem
+
+
+def attention(problem: Problem, q, k, v, bias):
+    """Returns ``(out [B, T, H, E] in q.dtype, lse [B, T, H] float32)``.
+
+    ``lse`` is the log-sum-exp of each row's allowed logits (``-inf`` for a row with no allowed
+    key) for softmax, and zeros for elementwise normalizers.
+    """
+    d = problem.dims
+    f32 = lambda x: x.astype(jnp.float32)
+    q_idx = jnp.arange(d.q_len, dtype=jnp.int32)
+    kv_idx = jnp.arange(d.kv_len, dtype=jnp.int32)
+    s = tiling.logits(problem, problem.score_mod, f32(q), f32(k), bias, q_idx, kv_idx)
+    allowed = jnp.broadcast_to(tiling.allowed(problem, q_idx, kv_idx), s.shape)
+    w = problem.normalizer.dense(problem.lengths[1], s, allowed)  # [B, H, T, S]
+    zs = tiling.dropout_scale(problem, q_idx, kv_idx)
+    if zs is not None:
+        w = w * zs
+    out = tiling.weighted_values(w, f32(v))  # [B, H, T, E]
+    if problem.normalizer.row_normalized:
+        any_allowed = allowed.any(-1)
+        # A finite fill keeps the gradient of fully masked rows finite (it is then discarded).
+        lse = jax.nn.logsumexp(jnp.where(allowed, s, MASKED), axis=-1)
+        lse = jnp.where(any_allowed, lse, -jnp.inf)
+    else:
+        lse = jnp.zeros(s.shape[:-1], jnp.float32)
+    return out.transpose(0, 2, 1, 3).astype(q.dtype), lse.transpose(0, 2, 1)

@@ -1,0 +1,1 @@
+"""Vision variants, one file each: agent attention, MaxViT multi-axis (block / grid) attention."""
