@@ -128,6 +128,17 @@ def validate(cfg: Config, device_count: int) -> None:
                 "eval_every", "keep_checkpoints", *(f"mesh_{a}" for a in MESH_AXES)):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be >= 1; got {getattr(cfg, key)}")
+    # `not x > 0` rather than `x <= 0`, so that NaN is refused too
+    for key, why in (("lr", "the peak learning rate"), ("mlp_ratio", "the MLP's width over the model's"),
+                     ("grad_clip", "the largest gradient norm; inf: no clipping")):
+        if not getattr(cfg, key) > 0:
+            raise ValueError(f"{key} must be > 0 ({why}); got {getattr(cfg, key)}")
+    for key, why in (("checkpoint_every", "0: no checkpoints"), ("warmup", "steps of linear warmup"),
+                     ("weight_decay", "AdamW's decoupled decay"),
+                     ("aux_weight", "weight of auxiliary losses")):
+        if not getattr(cfg, key) >= 0:
+            raise ValueError(f"{key} must be >= 0 ({why}); got {getattr(cfg, key)}")
+    task.check(cfg)
     if cfg.width % cfg.heads:
         raise ValueError(f"width={cfg.width} must be divisible by heads={cfg.heads}")
     n = 1

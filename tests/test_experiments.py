@@ -50,6 +50,18 @@ def test_each_task_trains(tmp_path, name, variant):
     (["mesh_context=4", "seq_len=66"], "not divisible by mesh_context=4"),
     (["variant=agent"], "variant 'agent' is not causal"),
     (["variant=linear", "variant_options={'window': 3}"], "unknown ['window']"),
+    (["lr=0"], "lr must be > 0"),
+    (["lr=-1e-3"], "lr must be > 0"),
+    (["lr=nan"], "lr must be > 0"),
+    (["grad_clip=-1"], "grad_clip must be > 0"),
+    (["checkpoint_every=-5"], "checkpoint_every must be >= 0 (0: no checkpoints); got -5"),
+    (["warmup=-1"], "warmup must be >= 0"),
+    (["task_options={'max_bytes': 40}"], "training text has 40 bytes, too few for a window of seq_len=64"),
+    (["task_options={'max_bytes': 0}"], "max_bytes'] must be >= 1"),
+    (["task_options={'max_byte': 1000}"], "takes task_options ['max_bytes']; got unknown ['max_byte']"),
+    (["task=mqar", "task_options={'num_kv': 0}"], "num_kv'] must be >= 1"),
+    (["task=mqar", "task_options={}", "seq_len=16"], "num_kv=8 pairs need seq_len >= 32"),
+    (["task=digits", "task_options={}", "batch_size=4096"], "batch_size=4096 is more than the 1438 training"),
 ])
 def test_bad_configs_fail_before_compiling(tmp_path, overrides, message):
     cfg = _cfg("tiny_charlm", tmp_path, *overrides)
