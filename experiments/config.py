@@ -3,7 +3,9 @@
 A config file (``experiments/configs/<name>.py``) defines ``config() -> Config``; its docstring says
 how to run it and what it costs (big_vision's convention). Overrides are parsed by the field's
 type: ``steps=50``, ``lr=1e-3``, ``implementation=none``, ``variant_options={'window': 9}``.
-Everything is checked by :func:`validate` before anything is compiled.
+Everything is checked by :func:`validate` before anything is compiled. A run that resumes from a
+checkpoint may change only the keys in :data:`RESUMABLE` (:func:`resume_conflicts` says which
+others differ).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
+import json
 import typing
 from pathlib import Path
 
@@ -47,7 +50,7 @@ class Config:
     eval_every: int = 100                   # also evaluated at the last step
     eval_batches: int = 4
     log_every: int = 10
-    checkpoint_every: int = 100             # 0: no checkpoints
+    checkpoint_every: int = 100             # 0: no checkpoints (a checkpoint already there is still resumed)
     keep_checkpoints: int = 2
     out_dir: str = "runs/run"
     plot: bool = True
@@ -60,6 +63,40 @@ class Config:
     @property
     def mesh_shape(self) -> dict[str, int]:
         return {a: getattr(self, f"mesh_{a}") for a in MESH_AXES}
+
+
+RESUMABLE = frozenset({
+    # labels and outputs
+    "name", "out_dir", "plot",
+    # how long to train: more steps continue the run (the learning-rate schedule then spans the new
+    # `steps` from the resumed step on); fewer than the checkpoint's step is refused by train.run
+    "steps",
+    # what is measured and when, and when state is saved
+    "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
+    # how the same model is computed and placed: the op's code path and the device mesh
+    "implementation", *(f"mesh_{a}" for a in MESH_AXES),
+})
+"""The config keys that may differ between a run and the checkpoint it resumes from. Every other key
+changes the model (``variant``, ``variant_options``, ``layers``, ``width``, ``heads``,
+``mlp_ratio``), the data (``task``, ``task_options``, ``seq_len``, ``batch_size``, ``seed``) or the
+optimizer (``lr``, ``warmup``, ``weight_decay``, ``grad_clip``, ``aux_weight``), so a resumed run
+would report a result that is partly another run's; :func:`resume_conflicts` refuses those."""
+
+
+def as_json(cfg: Config) -> dict:
+    """``cfg`` as the JSON object stored with each checkpoint (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def resume_conflicts(saved: dict, cfg: Config) -> list[str]:
+    """``"key: old -> new"`` for each key outside :data:`RESUMABLE` where ``cfg`` differs from the
+    config ``saved`` with a checkpoint (:func:`as_json`); empty when ``cfg`` may resume it. A key
+    missing from ``saved`` (added to :class:`Config` after the checkpoint was written) counts as
+    its default."""
+    now = as_json(cfg)
+    defaults = as_json(Config())
+    return [f"{key}: {saved.get(key, defaults[key])!r} -> {value!r}" for key, value in now.items()
+            if key not in RESUMABLE and saved.get(key, defaults[key]) != value]
 
 
 def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
@@ -128,6 +165,17 @@ def validate(cfg: Config, device_count: int) -> None:
                 "eval_every", "keep_checkpoints", *(f"mesh_{a}" for a in MESH_AXES)):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be >= 1; got {getattr(cfg, key)}")
+    # `not x > 0` rather than `x <= 0`, so that NaN is refused too
+    for key, why in (("lr", "the peak learning rate"), ("mlp_ratio", "the MLP's width over the model's"),
+                     ("grad_clip", "the largest gradient norm; inf: no clipping")):
+        if not getattr(cfg, key) > 0:
+            raise ValueError(f"{key} must be > 0 ({why}); got {getattr(cfg, key)}")
+    for key, why in (("checkpoint_every", "0: no checkpoints"), ("warmup", "steps of linear warmup"),
+                     ("weight_decay", "AdamW's decoupled decay"),
+                     ("aux_weight", "weight of auxiliary losses")):
+        if not getattr(cfg, key) >= 0:
+            raise ValueError(f"{key} must be >= 0 ({why}); got {getattr(cfg, key)}")
+    task.check(cfg)
     if cfg.width % cfg.heads:
         raise ValueError(f"width={cfg.width} must be divisible by heads={cfg.heads}")
     n = 1

@@ -44,6 +44,18 @@ class Task:
     length: object                    # cfg -> sequence length
     grid_of: object = None            # cfg -> 2-D grid of the tokens, or None
     valid_set: object = None          # cfg -> list of batches (a fixed validation set), optional
+    options: tuple[str, ...] = ()     # the keys of task_options it reads
+    check_data: object = None         # cfg -> None; raises ValueError when the data would hold no example
+
+    def check(self, cfg) -> None:
+        """Raises ``ValueError`` for unknown ``task_options`` or options (with ``seq_len`` and
+        ``batch_size``) that leave no training or validation example."""
+        unknown = set(cfg.task_options) - set(self.options)
+        if unknown:
+            raise ValueError(f"task {self.name!r} takes task_options {list(self.options)}; "
+                             f"got unknown {sorted(unknown)}")
+        if self.check_data is not None:
+            self.check_data(cfg)
 
     def seq_len(self, cfg) -> int:
         return self.length(cfg)
@@ -86,8 +98,24 @@ def stdlib_corpus(max_bytes: int, valid_every: int = 10) -> tuple[np.ndarray, np
     return tuple(np.frombuffer(b"\n".join(parts[s]), np.uint8) for s in ("train", "valid"))
 
 
+def _charlm_max_bytes(cfg) -> int:
+    return int(cfg.task_options.get("max_bytes", 1 << 20))
+
+
+def _charlm_check(cfg) -> None:
+    """Each split must hold one window of ``seq_len + 1`` bytes with room to start it at random."""
+    max_bytes = _charlm_max_bytes(cfg)
+    if max_bytes < 1:
+        raise ValueError(f"charlm: task_options['max_bytes'] must be >= 1; got {max_bytes}")
+    for split, data in zip(("training", "validation"), stdlib_corpus(max_bytes)):
+        if len(data) < cfg.seq_len + 2:
+            raise ValueError(f"charlm: the {split} text has {len(data)} bytes, too few for a window of "
+                             f"seq_len={cfg.seq_len} + 1; raise task_options['max_bytes'] (now {max_bytes}) "
+                             f"or lower seq_len")
+
+
 def _charlm_batch(cfg, rng, split):
-    data = stdlib_corpus(int(cfg.task_options.get("max_bytes", 1 << 20)))[split == "valid"]
+    data = stdlib_corpus(_charlm_max_bytes(cfg))[split == "valid"]
     T = cfg.seq_len
     starts = rng.integers(0, len(data) - T - 1, size=cfg.batch_size)
     windows = np.stack([data[s : s + T + 1] for s in starts]).astype(np.int32)
@@ -98,6 +126,7 @@ def _charlm_batch(cfg, rng, split):
 CHARLM = Task(
     name="charlm", causal=True, per_token=True, vocab_size=256, input_features=None, num_outputs=256,
     metric="bits/byte", make_batch=_charlm_batch, length=lambda cfg: cfg.seq_len,
+    options=("max_bytes",), check_data=_charlm_check,
 )
 
 
@@ -109,13 +138,10 @@ def _mqar_batch(cfg, rng, split):
     the keys again, each followed by its value; the model is scored on predicting those values
     (every other position is the filler token 0 and is not scored). Keys come from
     ``[1, V/2)``, values from ``[V/2, V)``."""
+    _mqar_check(cfg)
     T, B = cfg.seq_len, cfg.batch_size
-    V = int(cfg.task_options.get("vocab_size", 64))
-    n = int(cfg.task_options.get("num_kv", 8))
+    V, n = _mqar_vocab(cfg), _mqar_pairs(cfg)
     slots = (T + 1 - 2 * n) // 2
-    if slots < n or V // 2 - 1 < n:
-        raise ValueError(f"mqar: num_kv={n} pairs need seq_len >= {4 * n} and vocab_size >= {2 * n + 2}; "
-                         f"got seq_len={T}, vocab_size={V}")
     seq = np.zeros((B, T + 1), np.int32)
     scored = np.zeros((B, T + 1), bool)
     rows = np.arange(B)[:, None]
@@ -129,14 +155,30 @@ def _mqar_batch(cfg, rng, split):
     return {"inputs": seq[:, :-1], "targets": seq[:, 1:], "weights": scored[:, :-1].astype(np.float32)}
 
 
+def _mqar_vocab(cfg) -> int:
+    return int(cfg.task_options.get("vocab_size", 64))
+
+
+def _mqar_pairs(cfg) -> int:
+    return int(cfg.task_options.get("num_kv", 8))
+
+
+def _mqar_check(cfg) -> None:
+    """At least one pair (else nothing is scored), room for the pairs and their queries in
+    ``seq_len``, and ``num_kv`` distinct keys in the vocabulary."""
+    T, V, n = cfg.seq_len, _mqar_vocab(cfg), _mqar_pairs(cfg)
+    if n < 1:
+        raise ValueError(f"mqar: task_options['num_kv'] must be >= 1 (else nothing is scored); got {n}")
+    if (T + 1 - 2 * n) // 2 < n or V // 2 - 1 < n:
+        raise ValueError(f"mqar: num_kv={n} pairs need seq_len >= {4 * n} and vocab_size >= {2 * n + 2}; "
+                         f"got seq_len={T}, vocab_size={V}")
+
+
 MQAR = Task(
     name="mqar", causal=True, per_token=True, vocab_size=64, input_features=None, num_outputs=64,
     metric="accuracy", make_batch=_mqar_batch, length=lambda cfg: cfg.seq_len,
+    options=("vocab_size", "num_kv"), check_data=_mqar_check,
 )
-
-
-def _mqar_vocab(cfg) -> int:
-    return int(cfg.task_options.get("vocab_size", 64))
 
 
 # -- handwritten digits as an 8 x 8 grid of tokens ------------------------------------------------
@@ -165,6 +207,13 @@ def _digits_batch(cfg, rng, split):
     return {"inputs": x[idx], "targets": y[idx], "weights": np.ones(cfg.batch_size, np.float32)}
 
 
+def _digits_check(cfg) -> None:
+    """A training batch draws ``batch_size`` distinct images."""
+    (_, y), _ = digits_split()
+    if cfg.batch_size > len(y):
+        raise ValueError(f"digits: batch_size={cfg.batch_size} is more than the {len(y)} training images")
+
+
 def _digits_valid(cfg):
     """The whole validation split, padded to whole batches with weight-0 rows."""
     _, (x, y) = digits_split()
@@ -180,7 +229,7 @@ def _digits_valid(cfg):
 DIGITS = Task(
     name="digits", causal=False, per_token=False, vocab_size=None, input_features=1, num_outputs=10,
     metric="accuracy", make_batch=_digits_batch, length=lambda cfg: 64, grid_of=lambda cfg: (8, 8),
-    valid_set=_digits_valid,
+    valid_set=_digits_valid, check_data=_digits_check,
 )
 
 TASKS = {t.name: t for t in (CHARLM, MQAR, DIGITS)}

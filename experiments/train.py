@@ -3,26 +3,37 @@
     python -m experiments.train --config experiments/configs/tiny_charlm.py [--override key=value ...]
 
 flax.nnx for the model, optax for the optimizer, orbax for checkpoints (periodic, the newest
-``keep_checkpoints`` kept; a run whose ``out_dir`` holds checkpoints resumes from the latest),
-and a device mesh with axes ``data``, ``fsdp``, ``tensor`` and ``context`` from the config:
-batches are sharded over ``data`` x ``fsdp`` (and their sequence over ``context``), parameters
-and optimizer state over ``fsdp``, and the attention call goes through
-``attnjax.parallel.shard_op`` when ``tensor`` or ``context`` is larger than 1 (see
-:func:`attention_binder`).
+``keep_checkpoints`` kept, each with the run's resolved config), and a device mesh with axes
+``data``, ``fsdp``, ``tensor`` and ``context`` from the config: batches are sharded over
+``data`` x ``fsdp`` (and their sequence over ``context``), parameters and optimizer state over
+``fsdp``, and the attention call goes through ``attnjax.parallel.shard_op`` when ``tensor`` or
+``context`` is larger than 1 (see :func:`attention_binder`).
 
 Batch ``step`` is a pure function of ``(seed, step)``, so a resumed run sees exactly the
 batches the uninterrupted run would have seen. A run writes ``out_dir/metrics.jsonl`` (one row
 per step, one per evaluation), ``out_dir/curves.png`` and ``out_dir/summary.json``, and prints a
 one-line summary with the validation loss.
+
+A run whose ``out_dir`` holds checkpoints resumes from the newest one that reads (an unreadable
+one is skipped with a warning), if the config differs from the stored one only in keys of
+``experiments.config.RESUMABLE``. A non-finite loss or state stops the run (nothing non-finite is
+saved). Expected failures raise :class:`TrainingError`; the CLI prints them as one line
+``error: ...`` and exits 1 (2 for a config refused before the run, 130 on Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import gc
 import json
+import logging
 import math
+import signal
 import sys
+import threading
+import types
 from pathlib import Path
 
 import jax
@@ -36,6 +47,11 @@ from attnjax import parallel
 from experiments import config as config_lib, tasks, ui
 from experiments.model import Model, loss_and_metrics
 
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on for a reason the user can act on: training diverged, or a checkpoint
+    does not match this config or model, cannot be read, or cannot be written. ``main`` prints the
+    one-line message as ``error: ...`` and exits 1."""
 
 
 def make_mesh(cfg) -> jax.sharding.Mesh:
@@ -81,22 +97,185 @@ def optimizer(cfg) -> optax.GradientTransformation:
 
 
 def _checkpoints(cfg, directory: Path):
+    """Checkpoints of two items: ``state`` (parameters, optimizer state, step) and ``meta`` (the
+    config, :func:`experiments.config.as_json`). Saving is synchronous, so a failed save (a full
+    disk) raises at its own step, and a save is never cut short by the end of the run; the loop
+    decides which steps to save. Half-written (``*.orbax-checkpoint-tmp``) directories left by a
+    killed run are removed when the manager opens."""
     import orbax.checkpoint as ocp
 
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.keep_checkpoints, save_interval_steps=cfg.checkpoint_every, create=True
+        max_to_keep=cfg.keep_checkpoints, create=True, cleanup_tmp_directories=True,
+        enable_async_checkpointing=False,
     )
-    return ocp.CheckpointManager(directory.resolve(), options=options)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(directory.resolve(), options=options, item_handlers=handlers)
+
+
+def _first_line(e: BaseException) -> str:
+    """``Type: message`` on one line, at most ~250 characters: the first line of the message (orbax
+    and tensorstore errors run to dozens), its middle elided (their cause, such as ``No space left
+    on device``, comes last)."""
+    lines = str(e).strip().splitlines()
+    text = lines[0].split(" See full TensorStore details")[0] if lines else ""
+    if len(text) > 250:
+        text = f"{text[:120]} ... {text[-120:]}"
+    return f"{type(e).__name__}: {text}"
+
+
+def _array_name(path) -> str:
+    """A tree path as orbax names the arrays it stores, without nnx's ``.value``: ``params.head.kernel``."""
+    parts = [str(k.key if hasattr(k, "key") else k.idx if hasattr(k, "idx") else k.name) for k in path]
+    return ".".join(parts[:-1] if parts[-1:] == ["value"] else parts)
+
+
+def check_shapes(stored, abstract, where: str) -> None:
+    """Raises :class:`TrainingError` naming the first array (parameters first) whose shape in a
+    checkpoint (``stored``, orbax's metadata tree of the saved state) differs from the one the
+    model expects (``abstract``), or that only one of the two has."""
+    have = {_array_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(stored)[0]}
+    want = {_array_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    for name in sorted(have.keys() | want.keys(), key=lambda n: (not n.startswith("params."), n)):
+        old, new = have.get(name), want.get(name)
+        if old != new:
+            old, new = (f"shape {s}" if s is not None else "no such array" for s in (old, new))
+            raise TrainingError(f"{where} does not fit this model: {name} has {old} in the checkpoint and "
+                                f"{new} in the model; use a new out_dir, or delete the checkpoints to start "
+                                f"fresh")
+
+
+def restore_newest_intact(manager, abstract, cfg, *, warn) -> tuple[int, dict, dict] | None:
+    """``(step, state, saved config)`` of the newest checkpoint in ``manager`` that restores onto
+    ``abstract``, or None when there is no checkpoint.
+
+    Checkpoints are tried newest first. One that cannot be read (a truncated or missing file, no
+    stored config) is skipped with a one-line ``warn``; if none can be read, :class:`TrainingError`.
+    One that reads but was written by a run with other settings
+    (:func:`experiments.config.resume_conflicts`) or for a model of other shapes
+    (:func:`check_shapes`) stops the run with :class:`TrainingError`: an older one would not fit
+    either."""
+    import orbax.checkpoint as ocp
+
+    manager.reload()
+    steps = sorted(manager.all_steps(), reverse=True)
+    out = Path(cfg.out_dir)
+    fresh = f"use a new out_dir, or delete {out} to start fresh"
+    for i, step in enumerate(steps):
+        where = f"checkpoint step {step} in {manager.directory}"
+        try:
+            saved = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            stored = manager.item_metadata(step)["state"]
+            if not isinstance(saved, dict) or stored is None:
+                raise ValueError("no stored config or array metadata")
+            conflicts = config_lib.resume_conflicts(saved, cfg)
+            if conflicts:
+                raise TrainingError(f"cannot resume {out} from step {step}: it was trained with other "
+                                    f"settings ({'; '.join(conflicts)}), which change the model, data or "
+                                    f"optimizer; {fresh}")
+            check_shapes(stored, abstract, where)
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+            state = manager.restore(step, args=args)["state"]
+        except TrainingError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever a damaged checkpoint raises, try the next one
+            then = f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no older checkpoint"
+            warn(f"{where} cannot be read ({_first_line(e)}); {then}")
+            del e
+            gc.collect()  # the failed read's coroutines are finalized now, under run()'s unraisablehook
+            continue
+        return step, state, saved
+    if steps:
+        raise TrainingError(f"no checkpoint in {manager.directory} can be read (steps "
+                            f"{', '.join(map(str, steps))}); {fresh}")
+    return None
+
+
+def _drop_closed_loop_callbacks():
+    """Installs a ``sys.unraisablehook`` that drops what a failed checkpoint read or write leaves
+    behind and passes everything else on; returns the hook it replaced. After such a failure,
+    tensorstore's operations still in flight call back into the asyncio loop that orbax has
+    already closed (``RuntimeError: Event loop is closed``, some after the run has ended), and
+    orbax's abandoned read coroutines raise when they are collected (an exception caused by
+    ``GeneratorExit``); each prints a traceback that says nothing the error reported did not."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        closed_loop = isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+        abandoned = (isinstance(unraisable.object, types.CoroutineType)
+                     and isinstance(e.__cause__, GeneratorExit))
+        if not (closed_loop or abandoned):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    return previous
+
+
+@contextlib.contextmanager
+def _quiet_closed_loop_callbacks():
+    previous = _drop_closed_loop_callbacks()
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+
+
+class _Interrupt:
+    """SIGINT (Ctrl-C) during :func:`run`: the first one asks the loop to stop after the step in
+    progress (its losses checked and written, no save cut short); a second one raises
+    ``KeyboardInterrupt`` at once. Installed only in the main thread, where signal handlers live."""
+
+    requested = False
+
+    def __enter__(self):
+        self._installed = threading.current_thread() is threading.main_thread()
+        if self._installed:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def run(cfg: config_lib.Config, *, quiet: bool = False) -> dict:
-    """Trains (or resumes) ``cfg``; returns the summary (also written to ``out_dir/summary.json``)."""
+    """Trains (or resumes) ``cfg``; returns the summary (also written to ``out_dir/summary.json``).
+
+    Raises :class:`TrainingError` when training diverges or a checkpoint cannot be resumed, read or
+    written, and ``KeyboardInterrupt`` (after the step in progress) on Ctrl-C."""
+    config_lib.validate(cfg, jax.device_count())
+    directory = Path(cfg.out_dir) / "checkpoints"
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # A checkpoint already there is resumed even with checkpoint_every=0 (which only stops saving).
+    manager = _checkpoints(cfg, directory) if cfg.checkpoint_every > 0 or directory.is_dir() else None
+    with _quiet_closed_loop_callbacks(), _Interrupt() as interrupt, _closing(manager):
+        return _run(cfg, quiet, interrupt, manager)
+
+
+@contextlib.contextmanager
+def _closing(manager):
+    """Closes ``manager`` (if not None) on the way out; after an error, without masking it."""
+    try:
+        yield manager
+    except BaseException:
+        if manager is not None:
+            with contextlib.suppress(Exception):
+                manager.close()
+        raise
+    if manager is not None:
+        manager.close()
+
+
+def _run(cfg: config_lib.Config, quiet: bool, interrupt: _Interrupt, manager) -> dict:
     import orbax.checkpoint as ocp
 
-    config_lib.validate(cfg, jax.device_count())
     task = tasks.get(cfg.task, cfg)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(cfg)
     model = Model(cfg, task, bind=attention_binder(cfg, mesh), rngs=nnx.Rngs(cfg.seed))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -117,7 +296,11 @@ def run(cfg: config_lib.Config, *, quiet: bool = False) -> dict:
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
         updates, opt = tx.update(grads, state["opt"], state["params"])
         new = {"params": optax.apply_updates(state["params"], updates), "opt": opt, "step": state["step"] + 1}
-        return new, loss
+        # One flag for the host to check: the loss and every float of the new state are finite
+        # (a non-finite gradient reaches the parameters or Adam's moments through the update).
+        floats = [x for x in jax.tree.leaves(new) if jnp.issubdtype(x.dtype, jnp.floating)]
+        finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.isfinite(x).all() for x in floats]))
+        return new, loss, finite
 
     def eval_step(params, batch):
         return loss_fn(params, batch)[1]
@@ -125,23 +308,38 @@ def run(cfg: config_lib.Config, *, quiet: bool = False) -> dict:
     example = task.train_batch(cfg, 0)
     b_shardings = {k: batch_sharding(mesh, v) for k, v in example.items()}
     train_step = jax.jit(train_step, in_shardings=(shardings, b_shardings),
-                         out_shardings=(shardings, replicated), donate_argnums=0)
+                         out_shardings=(shardings, replicated, replicated), donate_argnums=0)
     eval_step = jax.jit(eval_step, in_shardings=(shardings["params"], b_shardings), out_shardings=replicated)
 
-    manager = _checkpoints(cfg, out / "checkpoints") if cfg.checkpoint_every > 0 else None
-    start = 0
-    if manager is not None and manager.latest_step() is not None:
+    warn = lambda message: print(f"warning: {message}", file=sys.stderr)  # noqa: E731
+    start, saved = 0, None
+    if manager is not None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-        restored = manager.restore(manager.latest_step(), args=args)
-        state = restored["state"]
-        start = int(state["step"])
+        found = restore_newest_intact(manager, abstract, cfg, warn=warn)
+        if found is not None:
+            start, state, saved = found
+    if start > cfg.steps:
+        raise TrainingError(f"{out} holds a checkpoint at step {start}, past steps={cfg.steps}; a run cannot "
+                            f"be shortened: rerun with steps >= {start}, or use a new out_dir to start fresh")
+    if start and start == cfg.steps and (out / "summary.json").is_file():
+        print(f"{cfg.name}: already finished ({start} steps in {out}); summary.json left as it is. "
+              f"Raise steps to train further, or use a new out_dir", file=sys.stderr)
+        summary = json.loads((out / "summary.json").read_text())
+        if not quiet:
+            print(one_line(summary))
+        return summary
+    if manager is not None:  # unreadable checkpoints past the resumed one would block its saves
+        for step in manager.all_steps():
+            if step > start:
+                manager.delete(step)
     log = ui.MetricsLog(out / "metrics.jsonl", resume_step=start if start else None)
     valid = [jax.device_put(b, b_shardings) for b in task.valid_batches(cfg)]
     tokens_per_step = cfg.batch_size * task.seq_len(cfg)
     bar = None if quiet else ui.ProgressBar(cfg.steps)
     if start and not quiet:
-        print(f"resuming {cfg.name} from step {start} ({out / 'checkpoints'})", file=sys.stderr)
+        longer = (f"; steps {saved['steps']} -> {cfg.steps}: the learning-rate schedule now spans {cfg.steps}"
+                  if saved.get("steps", cfg.steps) != cfg.steps else "")
+        print(f"resuming {cfg.name} from step {start} ({out / 'checkpoints'}){longer}", file=sys.stderr)
 
     def evaluate(params) -> dict:
         sums = np.zeros(3)
@@ -156,52 +354,78 @@ def run(cfg: config_lib.Config, *, quiet: bool = False) -> dict:
     t_begin = ui.clock()
     # Throughput counts the steps after the first (compiling) one, and not evaluation time.
     t_steady, steady_steps, eval_seconds = None, 0, 0.0
-    pending: list = []
+    pending: list = []  # (step, loss, finite) on the device, fetched when the loss is logged
 
     def throughput():
         if not steady_steps:
             return None
         return steady_steps * tokens_per_step / (ui.clock() - t_steady - eval_seconds)
 
+    saving = manager is not None and cfg.checkpoint_every > 0
+    last_saved = start or None
     last_valid: dict = {}
-    for step in range(start, cfg.steps):
-        batch = jax.device_put(task.train_batch(cfg, step), b_shardings)
-        state, loss = train_step(state, batch)
-        pending.append((step + 1, loss))
-        done = step + 1
-        if t_steady is None:
-            jax.block_until_ready(loss)
-            t_steady = ui.clock()
-        else:
-            steady_steps += 1
-        log_now = done % cfg.log_every == 0 or done == cfg.steps
-        eval_now = done % cfg.eval_every == 0 or done == cfg.steps
-        if log_now or eval_now:
-            rows = [{"step": s, "loss": float(l)} for s, l in pending]
-            pending = []
-            speed = throughput()
-            rows[-1]["tokens_per_s"] = speed
-            if eval_now:
-                t_eval = ui.clock()
-                last_valid = {"step": done, **evaluate(state["params"])}
-                eval_seconds += ui.clock() - t_eval
-                rows.append(last_valid)
-            log.write(rows)
-            if bar is not None:
-                bar.update(done, loss=rows[-1 - eval_now]["loss"], tokens_per_s=speed,
-                           valid_loss=last_valid["valid_loss"] if eval_now else None)
-        if manager is not None:
-            args = ocp.args.Composite(state=ocp.args.StandardSave(state))
-            manager.save(done, args=args, force=done == cfg.steps)
+    try:  # the progress bar's line is ended however the loop ends
+        for step in range(start, cfg.steps):
+            batch = jax.device_put(task.train_batch(cfg, step), b_shardings)
+            state, loss, finite = train_step(state, batch)
+            pending.append((step + 1, loss, finite))
+            done = step + 1
+            if t_steady is None:
+                jax.block_until_ready(loss)
+                t_steady = ui.clock()
+            else:
+                steady_steps += 1
+            log_now = done % cfg.log_every == 0 or done == cfg.steps
+            eval_now = done % cfg.eval_every == 0 or done == cfg.steps
+            save_now = saving and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
+            # The steps since the last check are checked before their state is evaluated or saved.
+            if log_now or eval_now or save_now or interrupt.requested:
+                losses, flags = jax.device_get(([l for _, l, _ in pending], [f for _, _, f in pending]))
+                rows = [{"step": s, "loss": float(l)} for (s, _, _), l in zip(pending, losses)]
+                pending = []
+                bad = next((r for r, ok in zip(rows, flags) if not ok), None)
+                if bad is not None:
+                    log.write(rows[: rows.index(bad) + 1])
+                    kept = (f"the last checkpoint is step {last_saved}, nothing later was saved" if last_saved
+                            else "no checkpoint was saved")
+                    raise TrainingError(f"training diverged at step {bad['step']}: the loss ({bad['loss']}) "
+                                        f"or the updated parameters are not finite; {kept}. Lower lr (now "
+                                        f"{cfg.lr:g}) and start again in a new out_dir")
+                if log_now or eval_now:
+                    speed = throughput()
+                    rows[-1]["tokens_per_s"] = speed
+                    if eval_now:
+                        t_eval = ui.clock()
+                        last_valid = {"step": done, **evaluate(state["params"])}
+                        eval_seconds += ui.clock() - t_eval
+                        rows.append(last_valid)
+                    if bar is not None:
+                        bar.update(done, loss=rows[-1 - eval_now]["loss"], tokens_per_s=speed,
+                                   valid_loss=last_valid["valid_loss"] if eval_now else None)
+                log.write(rows)
+            if save_now:
+                args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          meta=ocp.args.JsonSave(config_lib.as_json(cfg)))
+                try:
+                    manager.save(done, args=args, force=True)
+                    manager.wait_until_finished()
+                except Exception as e:
+                    kept = (f"the last checkpoint is step {last_saved}" if last_saved
+                            else "no checkpoint was saved")
+                    raise TrainingError(f"saving checkpoint step {done} in {manager.directory} failed "
+                                        f"({_first_line(e)}); {kept}") from e
+                last_saved = done
+            if interrupt.requested:
+                kept = (f"rerun the same command to resume from step {last_saved}" if last_saved
+                        else "no checkpoint was saved")
+                raise KeyboardInterrupt(f"stopped at step {done}; {kept}")
+    finally:
+        if bar is not None:
+            bar.close()
     jax.block_until_ready(state)
     speed = throughput()
-    if manager is not None:
-        manager.wait_until_finished()
-        manager.close()
-    if bar is not None:
-        bar.close()
     seconds = ui.clock() - t_begin
-    if not last_valid:  # resumed at the end: nothing left to train
+    if not last_valid:  # resumed at the end (without a summary): nothing left to train
         last_valid = {"step": int(state["step"]), **evaluate(state["params"])}
     train_rows = [r for r in ui.read_jsonl(out / "metrics.jsonl") if "loss" in r]
     summary = {
@@ -214,7 +438,7 @@ def run(cfg: config_lib.Config, *, quiet: bool = False) -> dict:
         "seconds": seconds, "parameters": int(sum(x.size for x in jax.tree.leaves(state["params"]))),
         "mesh": cfg.mesh_shape, "devices": math.prod(cfg.mesh_shape.values()), "out_dir": str(out),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.json").write_text(ui.dumps(summary, indent=2) + "\n")
     if cfg.plot:
         rows = ui.read_jsonl(out / "metrics.jsonl")
         ui.plot_curves(rows, out / "curves.png", f"{cfg.task} / {cfg.variant}")
@@ -238,13 +462,25 @@ def main(argv=None) -> int:
     parser.add_argument("--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="change config keys, e.g. --override steps=50 variant=linear")
     args = parser.parse_args(argv)
+    # Expected failures are reported in one line below. Orbax also logs the errors of its writer
+    # threads with their tracebacks, and tensorstore's late callbacks print more after the run
+    # (_drop_closed_loop_callbacks): this process is ours, so both stay quiet to its end.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    _drop_closed_loop_callbacks()
     try:  # a bad config is reported in one line, before anything compiles
         cfg = config_lib.load(args.config, args.override)
         config_lib.validate(cfg, jax.device_count())
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run(cfg)
+    try:
+        run(cfg)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        print(f"interrupted{': ' if str(e) else ''}{e}", file=sys.stderr)
+        return 130
     return 0
 
 

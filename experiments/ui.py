@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-
+import math
 import sys
 import time
 from pathlib import Path
@@ -38,8 +38,9 @@ def _fmt(key: str, value) -> str:
 
 
 class MetricsLog:
-    """Appends one JSON object per line. On resume, rows past the restored step are dropped
-    (they were written after the last checkpoint and will be recomputed)."""
+    """Appends one JSON object per line (strict JSON: a NaN or infinite value is written as
+    ``null``). On resume, rows past the restored step are dropped (they were written after the
+    last checkpoint and will be recomputed)."""
 
     def __init__(self, path: Path, *, resume_step: int | None):
         self.path = path
@@ -48,12 +49,25 @@ class MetricsLog:
         kept = [r for r in rows if r.get("step", 0) <= (resume_step or 0)]
         with path.open("w") as f:
             for r in kept:
-                f.write(json.dumps(r) + "\n")
+                f.write(dumps(r) + "\n")
 
     def write(self, rows: list[dict]) -> None:
         with self.path.open("a") as f:
             for r in rows:
-                f.write(json.dumps(r) + "\n")
+                f.write(dumps(r) + "\n")
+
+
+def dumps(value, **kwargs) -> str:
+    """``json.dumps`` that writes NaN and infinities as ``null`` (Python's bare ``NaN`` is not JSON)."""
+    def finite(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [finite(v) for v in x]
+        return x
+    return json.dumps(finite(value), allow_nan=False, **kwargs)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -69,8 +83,8 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    valid = [(r["step"], r["valid_loss"]) for r in rows if "valid_loss" in r]
+    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+    valid = [(r["step"], r["valid_loss"]) for r in rows if r.get("valid_loss") is not None]
     fig, ax = plt.subplots(figsize=(6, 4))
     if train:
         ax.plot(*zip(*train), lw=1, label="train loss")
@@ -95,4 +109,4 @@ def clock() -> float:
     return time.perf_counter()
 
 
-__all__ = ["ProgressBar", "MetricsLog", "read_jsonl", "plot_curves", "duration", "clock"]
+__all__ = ["ProgressBar", "MetricsLog", "dumps", "read_jsonl", "plot_curves", "duration", "clock"]
