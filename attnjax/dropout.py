@@ -18,11 +18,14 @@ For softmax the row sum is taken *before* dropout (as in standard attention drop
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
 from attnjax.core.pytree import pytree_dataclass
+from attnjax.core.tiling import take
 
 _GOLDEN = 0x9E3779B9
 
@@ -41,6 +44,8 @@ class Dropout:
     rate: float
     seed: Array  # uint32[2], from the key
 
+    INDEXED: ClassVar = {"seed": (None,)}
+
     @classmethod
     def make(cls, rate: float, key) -> "Dropout":
         if not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
@@ -57,9 +62,10 @@ class Dropout:
     def scale(self, b, h, q_idx, kv_idx) -> Array:
         """``keep / (1 - rate)`` for broadcasting index arrays (float32)."""
         u32 = lambda x: jnp.asarray(x).astype(jnp.uint32)
-        x = _mix(self.seed[0] + u32(b) * jnp.uint32(_GOLDEN))
+        seed0, seed1 = take(self.seed, 0), take(self.seed, 1)
+        x = _mix(seed0 + u32(b) * jnp.uint32(_GOLDEN))
         x = _mix(x ^ u32(h))
         x = _mix(x ^ u32(q_idx))
-        x = _mix(x ^ u32(kv_idx) ^ self.seed[1])
+        x = _mix(x ^ u32(kv_idx) ^ seed1)
         threshold = jnp.uint32(min(int(self.rate * 2.0**32), 2**32 - 1))
         return jnp.where(x >= threshold, 1.0 / (1.0 - self.rate), 0.0).astype(jnp.float32)

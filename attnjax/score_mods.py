@@ -24,7 +24,7 @@ Array([[[[-0.924, -0.49 ,  0.   ]]]], dtype=float32)
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, ClassVar
 
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +32,7 @@ from jaxtyping import Array, Float, PyTree
 
 from attnjax import _checks
 from attnjax.core.pytree import pytree_dataclass
+from attnjax.core.tiling import take
 
 
 class ScoreMod:
@@ -49,14 +50,17 @@ class ScoreMod:
 
 
 def head_param(x, h) -> Array:
-    """A scalar or per-head ``[H]`` parameter, broadcast against ``[B, H, T, S]`` scores."""
-    x = jnp.asarray(x, jnp.float32)
-    return x if x.ndim == 0 else x[h]
+    """A scalar or per-head ``[H]`` parameter, broadcast against ``[B, H, T, S]`` scores (read
+    with :func:`attnjax.core.tiling.take`, so a kernel loads the program's head, never gathers)."""
+    x = x if np.ndim(x) == 0 else take(x, h)
+    return jnp.asarray(x, jnp.float32)
 
 
 @pytree_dataclass(data=("slopes",))
 class Alibi(ScoreMod):
     slopes: Array  # [H]
+
+    INDEXED: ClassVar = {"slopes": ("heads",)}
 
     def __call__(self, q_len, kv_len, score, b, h, q_idx, kv_idx):
         distance = jnp.abs(q_idx + (kv_len - q_len) - kv_idx).astype(jnp.float32)
@@ -95,6 +99,8 @@ class RelativeBias(ScoreMod):
 @pytree_dataclass(data=("t",))
 class Temperature(ScoreMod):
     t: Array  # scalar or [H]
+
+    INDEXED: ClassVar = {"t": ("heads",)}
 
     def __call__(self, q_len, kv_len, score, b, h, q_idx, kv_idx):
         return score / head_param(self.t, h)

@@ -13,14 +13,17 @@ defaults live with :class:`attnjax.core.BlockSizes`.
 from __future__ import annotations
 
 import jax
+import jax.extend
 
+from attnjax.core import platform as platform_lib
 from attnjax.core.blocks import BlockSizes
 from attnjax.core.utils import next_pow2, round_up
 
 
 def platform() -> str:
-    """``"gpu"``, ``"tpu"`` or ``"cpu"``."""
-    return jax.default_backend()
+    """``"gpu"``, ``"tpu"`` or ``"cpu"`` (``attnjax.core.platform.current``: a compile check's
+    ``platform.target("gpu")`` makes the kernels build for a GPU that is not here)."""
+    return platform_lib.current()
 
 
 def interpret() -> bool:
@@ -55,3 +58,56 @@ def flash_tiles(q_len: int, kv_len: int, block_sizes: BlockSizes | None) -> Bloc
     k = lambda n: clip_tile(n, kv_len)
     return BlockSizes(q(bs.block_q), k(bs.block_k), q(bs.block_q_dq), k(bs.block_k_dq),
                       q(bs.block_q_dkv), k(bs.block_k_dkv), bs.spatial)
+
+
+def unlowerable_primitives(fn, *args) -> set[str]:
+    """The primitives inside the Pallas kernels of ``fn(*args)`` (its forward and, where it is
+    differentiable, its backward) that the GPU (Triton) lowering has no rule for. Empty where the
+    lowering's rule table cannot be read (then nothing is declined on this ground)."""
+    try:
+        from jax._src.pallas.triton import lowering as triton_lowering
+
+        rules = {getattr(p, "name", str(p)) for p in triton_lowering.triton_lowering_rules}
+    except (ImportError, AttributeError):  # a JAX without the table: trust the kernels
+        return set()
+    found: set[str] = set()
+
+    def walk(jaxpr, inside: bool):
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            if inside and name not in rules:
+                found.add(name)
+            for sub in _sub_jaxprs(eqn.params):
+                walk(sub, inside or name == "pallas_call")
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr, False)
+    return found
+
+
+def _sub_jaxprs(params):
+    for value in params.values():
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(v, jax.extend.core.ClosedJaxpr):
+                yield v.jaxpr
+            elif isinstance(v, jax.extend.core.Jaxpr):
+                yield v
+
+
+def require_lowerable(kernel: str, fn, *args) -> None:
+    """Declines (NotImplementedError, at trace time, before any kernel is built) a configuration
+    whose kernels the GPU lowering would reject: a mask, score mod or dropout that gathers or
+    slices inside the kernel. ``fn(q, k, v, *rest)`` is differentiated with respect to q, k, v
+    too, so the backward kernels count."""
+    def forward_and_backward(q, k, v, *rest):
+        out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, *rest), q, k, v)
+        return out, vjp(out)
+
+    try:
+        bad = unlowerable_primitives(forward_and_backward, *args)
+    except (ValueError, TypeError, NotImplementedError) as e:  # e.g. a mask capturing an array constant
+        raise NotImplementedError(f"the Pallas {kernel} kernels cannot be traced for {platform()}: {e}") from e
+    if bad:
+        raise NotImplementedError(
+            f"the Pallas {kernel} kernels cannot be compiled for {platform()}: the problem's mask, score "
+            f"mod or dropout uses {sorted(bad)} inside the kernel (read arrays with attnjax.core.tiling.take)"
+        )

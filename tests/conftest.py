@@ -8,5 +8,36 @@
 
 import os
 
+
 _FLAGS = ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0")
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *_FLAGS]).strip()
+
+import pytest
+
+# The fast tier (`pytest -m "not slow"`, the inner loop; under 5 minutes on 2 cores) leaves out
+# what the README command still runs: notebooks, multi-device and multi-process runs, training
+# runs, the interpret-mode kernel suites (one kernel test of each family stays fast), parity
+# sweeps and the heaviest composite checks. Everything else marks itself with @pytest.mark.slow.
+SLOW = (
+    "tests/test_notebooks.py::",
+    "tests/parallel/",
+    "tests/ops/test_attention_parity.py::",
+    "::TestPallas::",
+    "tests/test_project.py::test_gpu_flash_benchmark_smoke_on_cpu",
+    "tests/test_project.py::test_cpu_benchmark_smoke",
+    "tests/ops/test_neighborhood.py::TestXla::test_awkward_shapes_slow",
+    "tests/ops/test_vision.py::test_agent_xla_matches_reference[B2T63S100H4K2D12E20-True]",
+    "tests/ops/test_vision.py::test_vision_blocks_are_their_ops_and_train[l2vit]",
+    "tests/ops/test_sparse.py::test_hyper_error_falls_with_sample_size",
+    "tests/ops/test_linear.py::test_random_features_approximate_softmax",
+    "tests/ops/test_gated.py::test_moh_skipping_equals_dense[prefix_lm]",
+)
+FAST_EXPERIMENTS = ("test_bad_configs",)  # config checks; the training runs are slow
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        nodeid = item.nodeid
+        training = nodeid.startswith("tests/test_experiments.py::") and not any(f in nodeid for f in FAST_EXPERIMENTS)
+        if training or any(pattern in nodeid for pattern in SLOW):
+            item.add_marker(pytest.mark.slow)

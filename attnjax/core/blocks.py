@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-
 from attnjax import _checks
+from attnjax.core import platform as platform_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +69,8 @@ class BlockSizes:
 
     def resolve(self, family: str, platform: str | None = None) -> "BlockSizes":
         """Every field filled: from this object, else :data:`DEFAULTS` for ``family`` on
-        ``platform`` (default: JAX's default backend); backward tiles from the forward's."""
-        platform = platform or jax.default_backend()
+        ``platform`` (default: :func:`attnjax.core.platform.current`); backward tiles from the forward's."""
+        platform = platform or platform_lib.current()
         default = DEFAULTS.get((family, platform)) or DEFAULTS[(family, "any")]
         pick = lambda name: getattr(self, name) if getattr(self, name) is not None else getattr(default, name)
         bq, bk = pick("block_q"), pick("block_k")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-import jax
+from attnjax.core import platform
 
 NAMES = ("reference", "xla", "pallas")
 
@@ -19,7 +19,7 @@ Implementation = str | Sequence[str] | None
 
 def default_order(cpu_order: tuple[str, ...] | None = None) -> tuple[str, ...]:
     # Pallas kernels compile for GPU/TPU; on CPU they only run in (slow) interpret mode.
-    if jax.default_backend() in ("gpu", "tpu"):
+    if platform.current() in ("gpu", "tpu"):
         return ("pallas", "xla", "reference")
     return cpu_order or ("xla", "reference")
 

@@ -38,6 +38,50 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 """Tile classes in a block map."""
 
 
+# ---------------------------------------------------------------------------------------------
+# Arrays of masks, score mods and dropout, read the same way by every implementation.
+
+
+class KernelLeaf:
+    """An array of a mask, score mod or dropout inside a Pallas kernel: a reference to the whole
+    array in memory, read only through :func:`take`, one load of the block a tile needs. Classes
+    declare such fields in ``INDEXED`` (field name -> the kind of each axis: ``"batch"``,
+    ``"heads"``, ``"q"``, ``"kv"`` or ``None``), so a kernel can pad their position axes."""
+
+    def __init__(self, ref, shape: tuple[int, ...]):
+        self.ref, self.shape = ref, tuple(shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def take(x, *index):
+    """``x[index]`` for the per-batch, per-head or per-position arrays of masks, score mods and
+    dropout: the one way their code reads them, so kernels never gather.
+
+    Each index is a Python int, an index array holding one value (a batch element or head,
+    shaped to broadcast like the scores) or an array of consecutive positions (a tile's queries or
+    keys, broadcasting like the scores). A plain array is indexed as numpy would; a
+    :class:`KernelLeaf` is read with one load of the block the indices cover (the positions'
+    first value and count), shaped like numpy's answer.
+    """
+    if not isinstance(x, KernelLeaf):
+        return x[index]
+    from jax.experimental import pallas as pl  # only kernels build KernelLeaf
+
+    ref_index = []
+    for i in index:
+        if isinstance(i, int):
+            ref_index.append(i)
+        elif jnp.size(i) == 1:
+            ref_index.append(jnp.max(i))  # a reduction, not a slice: Triton lowers it
+        else:
+            ref_index.append(pl.ds(jnp.min(i), jnp.size(i)))
+    shape = jnp.broadcast_shapes(*(jnp.shape(i) for i in index if not isinstance(i, int)))
+    return x.ref[tuple(ref_index)].reshape(shape)
+
+
 @dataclasses.dataclass(frozen=True)
 class Dims:
     """Static sizes of one attention problem."""

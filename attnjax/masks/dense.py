@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import jax.numpy as jnp
 from jaxtyping import Array, Bool
 
 from attnjax.core.pytree import pytree_dataclass
+from attnjax.core.tiling import take
 from attnjax.masks.base import Mask, evaluate_bounds
 
 
@@ -19,12 +22,14 @@ class Dense(Mask):
 
     allowed: Array
 
+    INDEXED: ClassVar = {"allowed": ("batch", "heads", "q", "kv")}
+
     def predicate(self, q_len, kv_len, b, h, q_idx, kv_idx):
         a = self.allowed
         # Indices past the end (tile padding) are clipped; the caller masks them separately.
         pick = lambda idx, axis, n: 0 if a.shape[axis] == 1 else jnp.clip(idx, 0, n - 1)
-        return a[pick(b, 0, a.shape[0]), pick(h, 1, a.shape[1]),
-                 jnp.clip(q_idx, 0, q_len - 1), jnp.clip(kv_idx, 0, kv_len - 1)]
+        return take(a, pick(b, 0, a.shape[0]), pick(h, 1, a.shape[1]),
+                    jnp.clip(q_idx, 0, q_len - 1), jnp.clip(kv_idx, 0, kv_len - 1))
 
     def bounds(self, tiles, batch):
         a = self.allowed

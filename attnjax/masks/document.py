@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import jax.numpy as jnp
 from jaxtyping import Array, Int
 
 from attnjax import _checks
 from attnjax.core.pytree import pytree_dataclass
+from attnjax.core.tiling import take
 from attnjax.masks.base import Mask
 
 
@@ -15,10 +18,13 @@ class Document(Mask):
     q_segment_ids: Array  # [B, T]
     kv_segment_ids: Array  # [B, S]
 
+    INDEXED: ClassVar = {"q_segment_ids": ("batch", "q"), "kv_segment_ids": ("batch", "kv")}
+
     def predicate(self, q_len, kv_len, b, h, q_idx, kv_idx):
         # Indices past the end (tile padding) are clipped; the caller masks them separately.
-        q_seg = self.q_segment_ids[b, jnp.clip(q_idx, 0, q_len - 1)]
-        kv_seg = self.kv_segment_ids[b, jnp.clip(kv_idx, 0, kv_len - 1)]
+        # (Kernels pad these arrays with their last id instead, which reads the same.)
+        q_seg = take(self.q_segment_ids, b, jnp.clip(q_idx, 0, q_len - 1))
+        kv_seg = take(self.kv_segment_ids, b, jnp.clip(kv_idx, 0, kv_len - 1))
         return q_seg == kv_seg
 
     def bounds(self, tiles, batch):

@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Int
 
 from attnjax import _checks
 from attnjax.core.pytree import pytree_dataclass
+from attnjax.core.tiling import take
 from attnjax.masks.base import Mask
 
 
@@ -63,8 +67,10 @@ class KeyPrefix(Mask):
 
     length: Array
 
+    INDEXED: ClassVar = {"length": ("batch",)}
+
     def _at(self, b):
-        return self.length if jnp.ndim(self.length) == 0 else self.length[b]
+        return self.length if np.ndim(self.length) == 0 else take(self.length, b)
 
     def predicate(self, q_len, kv_len, b, h, q_idx, kv_idx):
         return kv_idx < self._at(b)

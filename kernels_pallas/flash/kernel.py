@@ -45,6 +45,7 @@ from kernels_pallas import backend
 class _Static:
     treedef: jax.tree_util.PyTreeDef  # of the Problem (its dims and scale are static in it)
     leaf_shapes: tuple[tuple[int, ...], ...]
+    indexed: tuple[bool, ...]  # per leaf: read by tile through tiling.take (see _leaf_layouts)
     tiles: BlockSizes  # resolved: every field an int
     interpret: bool
 
@@ -57,9 +58,17 @@ class _Static:
         return jax.tree.unflatten(self.treedef, [None] * len(self.leaf_shapes)).scale
 
     def problem(self, leaf_refs) -> Problem:
-        """Rebuilds the Problem inside a kernel from its whole-array leaf inputs."""
-        leaves = [ref[...].reshape(shape) for ref, shape in zip(leaf_refs, self.leaf_shapes)]
+        """Rebuilds the Problem inside a kernel: indexed arrays stay in memory as
+        :class:`~attnjax.core.tiling.KernelLeaf` (read by tile), the rest are loaded whole."""
+        leaves = [tiling.KernelLeaf(ref, shape) if indexed else ref[...].reshape(shape)
+                  for ref, shape, indexed in zip(leaf_refs, self.leaf_shapes, self.indexed)]
         return jax.tree.unflatten(self.treedef, leaves)
+
+    def leaf_specs(self, leaves):
+        """Indexed arrays stay in memory (a kernel loads a tile's block of them); the others
+        (scalars, seeds) are given whole to every program."""
+        return [pl.BlockSpec(memory_space=pl.ANY) if indexed else _whole(x)
+                for x, indexed in zip(leaves, self.indexed)]
 
 
 def flash_attention(problem: Problem, q, k, v, bias, block_sizes: BlockSizes | None = None):
@@ -81,10 +90,37 @@ def flash_attention(problem: Problem, q, k, v, bias, block_sizes: BlockSizes | N
     d_pad, e_pad = backend.pad_head_dim(d.head_dim) - d.head_dim, backend.pad_head_dim(d.v_dim) - d.v_dim
     pad = lambda x, n, e: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, e)))
     leaves, treedef = jax.tree.flatten(problem)
-    static = _Static(treedef, tuple(jnp.shape(x) for x in leaves), tiles, backend.interpret())
-    out, lse = _flash(static, pad(q, t_len, d_pad), pad(k, s_len, d_pad), pad(v, s_len, e_pad), plans,
-                      tuple(jnp.reshape(x, (-1,) if jnp.ndim(x) == 0 else jnp.shape(x)) for x in leaves))
+    layouts = _leaf_layouts(problem)
+    # Position axes of indexed arrays are padded with their last entry (what the predicates'
+    # clipping reads), so a tile's block load never leaves the array.
+    leaves = [x if axes is None else _pad_positions(x, axes, t_len - d.q_len, s_len - d.kv_len)
+              for x, axes in zip(leaves, layouts)]
+    static = _Static(treedef, tuple(jnp.shape(x) for x in leaves), tuple(a is not None for a in layouts),
+                     tiles, backend.interpret())
+    args = (pad(q, t_len, d_pad), pad(k, s_len, d_pad), pad(v, s_len, e_pad), plans,
+            tuple(jnp.reshape(x, (-1,) if jnp.ndim(x) == 0 else jnp.shape(x)) for x in leaves))
+    if not static.interpret:
+        backend.require_lowerable("flash", functools.partial(_flash, static), *args)
+    out, lse = _flash(static, *args)
     return out[:, : d.q_len, :, : d.v_dim], lse[:, :, : d.q_len].transpose(0, 2, 1)
+
+
+def _leaf_layouts(problem: Problem):
+    """Per leaf of the problem: the axis kinds of an array its owner reads through
+    ``tiling.take`` (its class's ``INDEXED``), or None for one read whole."""
+    layouts = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(problem)[0]:
+        owner = problem
+        for key in path[:-1]:
+            owner = getattr(owner, key.name) if hasattr(key, "name") else owner[key.idx]
+        axes = getattr(type(owner), "INDEXED", {}).get(getattr(path[-1], "name", None))
+        layouts.append(axes if axes is not None and jnp.ndim(leaf) >= 1 else None)
+    return layouts
+
+
+def _pad_positions(x, axes, q_pad: int, kv_pad: int):
+    pads = [(0, {"q": q_pad, "kv": kv_pad}.get(kind, 0) if n > 1 else 0) for kind, n in zip(axes, x.shape)]
+    return jnp.pad(x, pads, mode="edge") if any(p for _, p in pads) else x
 
 
 def _plans(problem: Problem, tiles: BlockSizes):
@@ -108,6 +144,13 @@ def _whole(x):
 
 
 def _dot(a, b, trans_b=False):
+    """``a @ b`` (or ``a @ b.T``) with float32 accumulation. A float32 weight tile meeting a
+    low-precision operand is cast to that operand's dtype first, as FlashAttention does for
+    ``P V``: the tensor cores (and Triton's dot) take one input type, and the rounding of ``P`` to
+    bf16 is what every flash kernel accepts (docs/kernels.md quantifies it)."""
+    if a.dtype != b.dtype:
+        low = a.dtype if jnp.finfo(a.dtype).bits < jnp.finfo(b.dtype).bits else b.dtype
+        a, b = a.astype(low), b.astype(low)
     dims = (((1,), (1 if trans_b else 0,)), ((), ()))
     return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
@@ -181,7 +224,7 @@ def _forward(static: _Static, q, k, v, plans, leaves):
         pl.BlockSpec((None, bq, None, D), lambda b, h, i: (b, i, h, 0)),
         pl.BlockSpec((None, Sp, None, D), lambda b, h, i: (b, 0, h // G, 0)),
         pl.BlockSpec((None, Sp, None, E), lambda b, h, i: (b, 0, h // G, 0)),
-        *(_whole(x) for x in leaves),
+        *static.leaf_specs(leaves),
     ]
     out_specs = [
         pl.BlockSpec((None, bq, None, E), lambda b, h, i: (b, i, h, 0)),
@@ -267,7 +310,7 @@ def _backward_kernels(static: _Static, q, k, v, plans, leaves, out, lse, d_out, 
     delta = jnp.where(real, (f32(d_out) * f32(out)).sum(-1).transpose(0, 2, 1) - d_lse, 0.0)
     # Rows with no key: their weights are 0 anyway.
     lse = jnp.where(real & ~jnp.isneginf(lse), lse, 0.0)
-    leaf_specs = [_whole(x) for x in leaves]
+    leaf_specs = static.leaf_specs(leaves)
     tables = plans[1]
     bq, _ = static.tiles.dq
 
