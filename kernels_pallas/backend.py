@@ -111,3 +111,27 @@ def require_lowerable(kernel: str, fn, *args) -> None:
             f"the Pallas {kernel} kernels cannot be compiled for {platform()}: the problem's mask, score "
             f"mod or dropout uses {sorted(bad)} inside the kernel (read arrays with attnjax.core.tiling.take)"
         )
+
+
+# Triton launch configuration per kernel family and head dim: more warps for wide tiles keep the
+# float32 accumulators in registers; fewer pipeline stages keep a kernel's shared memory under the
+# 227 KiB of an H100/H200 block. Chosen from the sm_90 compile report
+# (benchmarks/results/gpu-compile-sm90.json: shared memory, registers, stack per kernel).
+TRITON_CONFIGS = {
+    # family: ((max head dim, num_warps, num_stages), ...), first match wins
+    "flash": ((64, 4, 3), (128, 8, 2), (256, 8, 1)),
+    "lightning": ((64, 4, 2), (128, 8, 1)),
+}
+
+
+def compiler_params(family: str, head_dim: int) -> dict:
+    """``pallas_call`` keywords for a compiled kernel of ``family`` (none in interpret mode)."""
+    if interpret() or platform() != "gpu":
+        return {}
+    from jax.experimental.pallas import triton as plgpu
+
+    for max_dim, warps, stages in TRITON_CONFIGS[family]:
+        if head_dim <= max_dim:
+            return dict(compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages))
+    raise NotImplementedError(f"the Pallas {family} kernels take head dims up to "
+                              f"{TRITON_CONFIGS[family][-1][0]} on GPU; got {head_dim}")

@@ -78,8 +78,9 @@ SHARED_MEMORY_LIMIT = 227 * 1024
 
 def compile_sm90(kernel: TritonKernel) -> dict:
     """Compiles a captured kernel to an sm_90 binary with the pip ``triton`` package (the
-    ``accel-check`` extra) and reports ``shared`` bytes, ``registers`` per thread and ``spill``
-    bytes (stores + loads) from the ``ptxas`` that triton ships."""
+    ``accel-check`` extra) and reports ``shared`` memory bytes per block, ``registers`` per thread
+    and ``stack`` bytes per thread (local memory: register spills), as the ``cuobjdump`` that
+    triton ships reads them from the binary."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -95,8 +96,7 @@ def compile_sm90(kernel: TritonKernel) -> dict:
         usage = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True, text=True)
         if usage.returncode:
             raise RuntimeError(f"cuobjdump failed on {kernel.name}: {usage.stderr.strip()}")
-    print(usage.stdout)
-    registers = max((int(n) for n in re.findall(r"REG:(\d+)", usage.stdout)), default=0)
-    spills = sum(int(n) for n in re.findall(r"LOCAL:(\d+)", usage.stdout))
+
+    field = lambda key: max((int(n) for n in re.findall(rf"{key}:(\d+)", usage.stdout)), default=0)
     return dict(name=kernel.name, num_warps=kernel.num_warps, num_stages=kernel.num_stages,
-                shared=int(compiled.metadata.shared), registers=registers, spills=spills)
+                shared=int(compiled.metadata.shared), registers=field("REG"), stack=field("STACK"))

@@ -23,7 +23,7 @@ SLOW = (
     "tests/parallel/",
     "tests/ops/test_attention_parity.py::",
     "::TestPallas::",
-    "tests/test_project.py::test_gpu_flash_benchmark_smoke_on_cpu",
+    "tests/test_project.py::test_gpu_benchmark_dry_run_on_cpu",
     "tests/test_project.py::test_cpu_benchmark_smoke",
     "tests/ops/test_neighborhood.py::TestXla::test_awkward_shapes_slow",
     "tests/ops/test_vision.py::test_agent_xla_matches_reference[B2T63S100H4K2D12E20-True]",

@@ -18,10 +18,14 @@ def _readme_blocks(lang: str) -> list[str]:
 
 
 def test_ci_runs_the_readme_test_command():
-    setup = _readme_blocks("bash")[0].strip().splitlines()
+    """CI runs the README's test command, then the accelerator compile checks the README documents."""
+    blocks = _readme_blocks("bash")
+    setup = blocks[0].strip().splitlines()
     assert len(setup) == 2, "README opens with exactly two set-up commands"
-    ci_command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
-    assert ci_command == setup[1]
+    *_, test_command, compile_command = (ROOT / ".ci" / "run").read_text().strip().splitlines()
+    assert test_command == setup[1]
+    assert any(block.strip() == compile_command for block in blocks[1:]), "README documents CI's compile step"
+    assert compile_command.endswith("python -m pytest -m compile")
     assert setup[0].endswith("python -m experiments.train --config experiments/configs/tiny_charlm.py")
 
 
@@ -54,12 +58,16 @@ def test_cpu_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_flash_benchmark_smoke_on_cpu(tmp_path):
-    """The GPU benchmark's --quick mode runs the kernels in interpret mode and checks them."""
-    out = tmp_path / "flash.json"
-    subprocess.run([sys.executable, "-m", "experiments.bench.gpu", "flash", "--quick", "--out", str(out)],
+def test_gpu_benchmark_dry_run_on_cpu(tmp_path):
+    """``python -m experiments.bench.gpu all --dry-run``: every GPU suite at tiny sizes, the
+    kernels in interpret mode, each checked against the reference, into one JSON."""
+    out = tmp_path / "all.json"
+    subprocess.run([sys.executable, "-m", "experiments.bench.gpu", "all", "--dry-run", "--out", str(out)],
                    cwd=ROOT, check=True, capture_output=True, timeout=900)
-    rows = json.loads(out.read_text())["rows"]
+    suites = json.loads(out.read_text())["suites"]
+    assert set(suites) == {"flash", "lightning", "neighborhood"}
+    rows = suites["flash"]["rows"]
     assert {r["implementation"] for r in rows} >= {"pallas_softmax", "pallas_sigmoid", "xla_softmax"}
     assert all("error" not in r for r in rows), rows
     assert all(r["max_error_vs_reference"] < 0.05 for r in rows), rows
+    assert suites["lightning"]["rows"] and suites["neighborhood"]["rows"]

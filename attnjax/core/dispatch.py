@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from attnjax.core import platform
 
-NAMES = ("reference", "xla", "pallas")
+NAMES = ("reference", "xla", "pallas", "cudnn")
 
 Implementation = str | Sequence[str] | None
 """The type of every op's ``implementation`` argument."""
@@ -19,7 +19,9 @@ Implementation = str | Sequence[str] | None
 
 def default_order(cpu_order: tuple[str, ...] | None = None) -> tuple[str, ...]:
     # Pallas kernels compile for GPU/TPU; on CPU they only run in (slow) interpret mode.
-    if platform.current() in ("gpu", "tpu"):
+    if platform.current() == "gpu":  # cuDNN where an op has it (plain softmax attention), then Pallas
+        return ("cudnn", "pallas", "xla", "reference")
+    if platform.current() == "tpu":
         return ("pallas", "xla", "reference")
     return cpu_order or ("xla", "reference")
 

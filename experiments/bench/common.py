@@ -113,7 +113,8 @@ def _command() -> list[str]:
 def main(platform_name: str) -> None:
     parser = argparse.ArgumentParser(prog=f"python -m experiments.bench.{platform_name}")
     parser.add_argument("suite", help="benchmark suite: a module of experiments.bench (e.g. attention)")
-    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    parser.add_argument("--quick", "--dry-run", dest="quick", action="store_true",
+                        help="tiny sizes, for a smoke test (on CPU the kernels run in interpret mode)")
     parser.add_argument("--out", default=None, help="write the JSON here instead of benchmarks/results/")
     args = parser.parse_args()
     try:

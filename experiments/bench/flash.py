@@ -74,7 +74,8 @@ def _torch_sdpa(B, T, H, D, causal, repeats):
     return {"forward_s": timed(fwd), "forward_backward_s": timed(fwd_bwd)}
 
 
-def gpu(args) -> None:
+def gpu_payload(args) -> dict:
+    """The GPU suite's measurements (correctness checks first, then timings)."""
     import jax
     import jax.numpy as jnp
 
@@ -117,7 +118,11 @@ def gpu(args) -> None:
                     print(json.dumps(torch_row), flush=True)
     payload = {"config": {"dtype": "bfloat16", "tokens_per_batch": tokens, "check_rows": CHECK_ROWS},
                "rows": rows, "summary": _summary(rows)}
-    common.save("flash", payload, args)
+    return payload
+
+
+def gpu(args) -> None:
+    common.save("flash", gpu_payload(args), args)
 
 
 def _summary(rows) -> dict:

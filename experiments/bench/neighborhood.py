@@ -112,19 +112,23 @@ GPU_CONFIGS = [
     ("1d-32K-w2K-s256", (32768,), 2048, 256, 8),
     ("2d-256x256-w80-s16", (256, 256), 80, 16, 4),
 ]
+DRY_RUN_CONFIGS = [("2d-16x16-w5-s1", (16, 16), 5, 1, 2)]
+"""``--dry-run`` / ``--quick``: tiny, so interpret mode on CPU finishes in seconds."""
 
 
-def gpu(args) -> None:
-    """Pallas NA vs cuDNN dense (written for a GPU session; not run on CPU)."""
+def gpu_payload(args) -> dict:
+    """Pallas NA vs cuDNN dense: the GPU suite's measurements (correctness checks first, then
+    timings); ``--quick`` runs one tiny configuration (also on CPU, interpret mode)."""
     rows, summary = [], {}
-    configs = GPU_CONFIGS[:1] if args.quick else GPU_CONFIGS
+    configs = DRY_RUN_CONFIGS if args.quick else GPU_CONFIGS
+    head_dim = "32" if args.quick else "128"
     for name, spatial, kernel, stride, heads in configs:
         sp = "x".join(map(str, spatial))
         result = {}
         for impl in ("na_pallas", "cudnn_dense"):
             row = {"config": name, "implementation": impl,
                    **common.run_worker(__name__, impl, sp, str(kernel), str(heads), str(stride),
-                                       "bfloat16", "128")}
+                                       "bfloat16", head_dim)}
             rows.append(row)
             result[impl] = row
             print(json.dumps(row), flush=True)
@@ -135,9 +139,13 @@ def gpu(args) -> None:
             entry["speedup_over_cudnn_dense"] = round(speedup, 2)
             entry["fraction_of_bound"] = round(speedup * density, 3)
         summary[name] = entry
-    config = {"B": 1, "D": 128, "dtype": "bfloat16", "pass": "forward"}
+    config = {"B": 1, "D": int(head_dim), "dtype": "bfloat16", "pass": "forward"}
     payload = {"config": config, "rows": rows, "summary": summary}
-    common.save("neighborhood", payload, args)
+    return payload
+
+
+def gpu(args) -> None:
+    common.save("neighborhood", gpu_payload(args), args)
 
 
 def _density(spatial, kernel, stride) -> float:

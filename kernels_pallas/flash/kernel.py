@@ -112,7 +112,15 @@ def _leaf_layouts(problem: Problem):
     for path, leaf in jax.tree_util.tree_flatten_with_path(problem)[0]:
         owner = problem
         for key in path[:-1]:
-            owner = getattr(owner, key.name) if hasattr(key, "name") else owner[key.idx]
+            if isinstance(key, jax.tree_util.GetAttrKey):
+                owner = getattr(owner, key.name)
+            elif isinstance(key, jax.tree_util.SequenceKey):
+                owner = owner[key.idx]
+            elif isinstance(key, jax.tree_util.DictKey):
+                owner = owner[key.key]
+            else:  # a container we do not walk: its leaves are read whole
+                owner = None
+                break
         axes = getattr(type(owner), "INDEXED", {}).get(getattr(path[-1], "name", None))
         layouts.append(axes if axes is not None and jnp.ndim(leaf) >= 1 else None)
     return layouts
@@ -238,6 +246,7 @@ def _forward(static: _Static, q, k, v, plans, leaves):
         out_specs=out_specs,
         out_shape=out_shape,
         interpret=static.interpret,
+        **backend.compiler_params("flash", max(D, E)),
         name="attnjax_flash_fwd",
     )(classes, order, counts, q, k, v, *leaves)
 
@@ -330,6 +339,7 @@ def _backward_kernels(static: _Static, q, k, v, plans, leaves, out, lse, d_out, 
         out_specs=pl.BlockSpec((None, bq, None, D), lambda b, h, i: (b, i, h, 0)),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         interpret=static.interpret,
+        **backend.compiler_params("flash", max(D, E)),
         name="attnjax_flash_dq",
     )(*tables, q, k, v, d_out, lse, delta, *leaves)
 
@@ -354,6 +364,7 @@ def _backward_kernels(static: _Static, q, k, v, plans, leaves, out, lse, d_out, 
         ],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         interpret=static.interpret,
+        **backend.compiler_params("flash", max(D, E)),
         name="attnjax_flash_dkv",
     )(*t_tables, q, k, v, d_out, lse, delta, *leaves)
     return dq, dk, dv

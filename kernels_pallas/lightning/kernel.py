@@ -178,6 +178,7 @@ def _forward_call(static, q, k, v, a, docs, s0):
         out_shape=out_shape,
         cost_estimate=_cost(B, H, Tp, static.block, D, E, 1),
         interpret=backend.interpret(),
+        **backend.compiler_params("lightning", max(D, E)),
         name="lightning_fwd",
     )(a, docs, q, k, v, s0)
 
@@ -196,6 +197,7 @@ def _backward_call(static, q, k, v, a, docs, s0, do, dsT):
         out_shape=out_shape,
         cost_estimate=_cost(B, H, Tp, static.block, D, E, 2),
         interpret=backend.interpret(),
+        **backend.compiler_params("lightning", max(D, E)),
         name="lightning_bwd",
     )(a, docs, q, k, v, s0, do, dsT)
 
@@ -233,6 +235,9 @@ def lightning(q, k, v, a, docs, s0, scale: float, block_size: int):
     backend.require_supported("lightning")
     B, T, H, D = q.shape
     E = v.shape[-1]
+    # Declines here, at trace time, what has no launch configuration (GPU head dims over 128:
+    # the two [D, E] float32 states of the backward no longer fit on chip).
+    backend.compiler_params("lightning", backend.pad_head_dim(max(D, E)))
     C = backend.clip_tile(block_size, T)
     Tp = round_up(T, C)
     pd, pe = backend.pad_head_dim(D) - D, backend.pad_head_dim(E) - E

@@ -15,7 +15,7 @@ from attnjax.core.blocks import BlockSizes
 from attnjax.core.dispatch import Implementation
 from attnjax.core.tiling import Dims, Problem, Shard
 from attnjax.core.utils import default_scale
-from attnjax.ops.attention import pallas, reference, xla
+from attnjax.ops.attention import cudnn, pallas, reference, xla
 from attnjax.score_mods import ScoreMod, as_score_mod
 
 
@@ -69,9 +69,11 @@ def attention(
         ``dropout_key`` and the weight's ``(b, h, q, kv)`` indices, so every implementation
         drops the same ones (see :mod:`attnjax.dropout`).
       dropout_key: a ``jax.random`` key, required when ``dropout_rate > 0``.
-      implementation: ``None`` (best for the platform), ``"reference"`` (dense),
-        ``"xla"`` (blockwise, memory ``O(T * block)``, skips empty tiles), ``"pallas"``, or a
-        sequence of them tried in order.
+      implementation: ``None`` (best for the platform: on a GPU cuDNN for what it serves, then
+        Pallas, then xla), ``"reference"`` (dense), ``"xla"`` (blockwise, memory
+        ``O(T * block)``, skips empty tiles), ``"pallas"`` (the flash kernels), ``"cudnn"``
+        (``jax.nn.dot_product_attention``'s cuDNN path: softmax, causal or sliding window, bf16 or
+        f16), or a sequence of them tried in order.
       block_sizes: tile sizes of the blockwise implementations (:class:`attnjax.ops.BlockSizes`;
         ``None`` and unset fields take the platform's defaults).
       shard: for sharded computations (:mod:`attnjax.parallel`): says that ``q``/``k``/``v`` are
@@ -103,6 +105,7 @@ def attention(
         "reference": lambda: reference.attention(problem, q, k, v, bias),
         "xla": lambda: xla.attention(problem, q, k, v, bias, block_sizes),
         "pallas": lambda: pallas.attention(problem, q, k, v, bias, block_sizes),
+        "cudnn": lambda: cudnn.attention(problem, q, k, v, bias, return_lse),
     }
     out, lse = dispatch.run("attention", impls, implementation)
     return (out, lse) if return_lse else out
