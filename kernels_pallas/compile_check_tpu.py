@@ -9,20 +9,25 @@ The TPU twin of :mod:`kernels_pallas.compile_check`:
 * :func:`compile_for_v5e` runs the real Mosaic and XLA:TPU compilers of pip ``libtpu`` (the
   ``accel-check`` extra) against a compile-only v5e from ``jax.experimental.topologies``, and
   reports the compiler's memory analysis. libtpu can abort the whole process on a kernel it
-  rejects, so callers run one case per subprocess: ``python -m kernels_pallas.compile_check_tpu
+  rejects, so callers run one case per subprocess: ``python -m experiments.bench.tpu_compile
   --T 16384 --D 128`` prints one JSON line.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import time
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AbstractDevice, AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec, use_abstract_mesh
+from jax.sharding import (
+    AbstractDevice,
+    AbstractMesh,
+    AxisType,
+    Mesh,
+    NamedSharding,
+    PartitionSpec,
+    use_abstract_mesh,
+)
 
 from attnjax.core import platform
 from kernels_pallas.flash import tpu as flash_tpu
@@ -74,44 +79,3 @@ def compile_for_v5e(fn, *args) -> dict:
             if hasattr(memory, field):
                 result[field.removesuffix("_in_bytes")] = int(getattr(memory, field))
     return result
-
-
-def flash_case(T: int, D: int, *, B: int = 1, H: int = 4, K: int = 2, dtype=jnp.bfloat16, kind: str = "causal"):
-    """``(fn, args)``: value and gradients of flash attention with GQA ``H:K``. ``kind``: ``causal``,
-    ``full``, ``window`` (1024 keys back), ``document`` (causal within documents whose segment ids
-    are an argument, so traced: the kernels get full-width visit tables) or ``sigmoid`` (causal)."""
-    from attnjax import masks, ops
-
-    def loss(q, k, v, *ids):
-        normalizer = "sigmoid" if kind == "sigmoid" else "softmax"
-        mask = {"causal": masks.causal(), "sigmoid": masks.causal(), "full": None,
-                "window": masks.sliding_window(1024, 0)}.get(kind)
-        if kind == "document":
-            mask = masks.document(ids[0]) & masks.causal()
-        out = ops.attention(q, k, v, mask=mask, normalizer=normalizer, implementation="pallas")
-        return out.astype(jnp.float32).sum()
-
-    args = (jax.ShapeDtypeStruct((B, T, H, D), dtype), jax.ShapeDtypeStruct((B, T, K, D), dtype),
-            jax.ShapeDtypeStruct((B, T, K, D), dtype))
-    if kind == "document":
-        args += (jax.ShapeDtypeStruct((B, T), jnp.int32),)
-    return jax.value_and_grad(loss, argnums=(0, 1, 2)), args
-
-
-def main(argv=None):
-    # Other processes on this host may hold libtpu's lockfile (JAX initializes libtpu when it is
-    # installed); a compile-only topology does not need exclusive use of a chip.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--T", type=int, required=True)
-    parser.add_argument("--D", type=int, required=True)
-    parser.add_argument("--kind", default="causal")
-    parser.add_argument("--dtype", default="bfloat16")
-    a = parser.parse_args(argv)
-    fn, args = flash_case(a.T, a.D, dtype=jnp.dtype(a.dtype), kind=a.kind)
-    result = dict(kernel="flash", T=a.T, D=a.D, kind=a.kind, dtype=a.dtype, **compile_for_v5e(fn, *args))
-    print(json.dumps(result), flush=True)
-
-
-if __name__ == "__main__":
-    main()

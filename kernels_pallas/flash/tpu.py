@@ -16,8 +16,9 @@ instead of a GPU's loops (letter legend in :mod:`attnjax.core.tiling`):
   heads sharing its key head, the non-empty query tiles of its block-map column, so K/V are never
   repeated and no two programs write one tile;
 * running statistics and accumulators live in f32 VMEM scratch across the visit axis; the
-  log-sum-exp and ``delta = rowsum(dO * O) - dlse`` travel as ``[B, H, T, 1]`` (``(tq, 1)``
-  blocks);
+  log-sum-exp and ``delta = rowsum(dO * O) - dlse`` travel lane-dense as ``[B, H, 1, T]``
+  (``(1, tq)`` blocks, turned into columns by a lane-wide transpose in the kernel): a ``[.., T, 1]``
+  f32 array would be padded to 128 lanes in HBM, 512 MiB per head pair at 128K tokens;
 * each visit entry is ``2 * tile + full``: FULL tiles take a branch that evaluates no mask,
   PARTIAL ones evaluate ``attnjax.core.tiling.allowed`` on iota indices.
   ``w`` is the longest row when the block map is known at trace time (causal, windows: the grid
@@ -262,7 +263,7 @@ def flash_attention(problem: Problem, q, k, v, bias, block_sizes: BlockSizes | N
     args = (heads_major(q, t_len), heads_major(k, s_len), heads_major(v, s_len), tables, arrays)
     _require_traceable(static, *args)
     out, lse = _flash(static, *args)
-    return out[:, :, : d.q_len].transpose(0, 2, 1, 3), lse[:, :, : d.q_len, 0].transpose(0, 2, 1)
+    return out[:, :, : d.q_len].transpose(0, 2, 1, 3), lse[:, :, 0, : d.q_len].transpose(0, 2, 1)
 
 
 def tpu_tiles(q_len: int, kv_len: int, block_sizes: BlockSizes | None) -> BlockSizes:
@@ -354,6 +355,16 @@ def _tile_grads(problem, q, k, v, do, lse, delta, q_idx, kv_idx, bh, masked, sca
     return p[0, 0], ds[0, 0]
 
 
+def _col_to_row(x):
+    """``[n, 1] -> [1, n]`` through a lane-wide transpose (the XLU's aligned case)."""
+    return jnp.broadcast_to(x, (x.shape[0], LANES)).T[:1, :]
+
+
+def _row_to_col(x):
+    """``[1, n] -> [n, 1]``."""
+    return jnp.broadcast_to(x, (LANES, x.shape[1])).T[:, :1]
+
+
 def _visit(visits_ref, at):
     entry = visits_ref[at]
     return entry >> 1, (entry & 1) == 1
@@ -416,7 +427,7 @@ def _fwd_kernel(counts_ref, visits_ref, q_ref, k_ref, v_ref, *refs, static: _Sta
             l, m = l_ref[...], m_ref[...]
             empty = l == 0.0
             o_ref[...] = (acc_ref[...] / jnp.where(empty, 1.0, l)).astype(o_ref.dtype)
-            lse_ref[...] = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
+            lse_ref[...] = _col_to_row(jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l))))
         else:
             o_ref[...] = acc_ref[...].astype(o_ref.dtype)
             lse_ref[...] = jnp.zeros(lse_ref.shape, jnp.float32)
@@ -446,6 +457,7 @@ def _forward(static: _Static, q, k, v, tables, arrays):
     G, w = H // K, static.widths[0]
     kv_map = lambda b, h, i, j, c, vis: (b, h // G, vis[i * w + j] >> 1, 0)
     row_map = lambda b, h, i, j, c, vis: (b, h, i, 0)
+    stat_map = lambda b, h, i, j, c, vis: (b, h, 0, i)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
         grid=(B, H, Tp // bq, w),
@@ -455,14 +467,14 @@ def _forward(static: _Static, q, k, v, tables, arrays):
             pl.BlockSpec((None, None, bk, E), kv_map),
             *static.leaf_specs(_row_coords(static, (bq, bk), w)),
         ],
-        out_specs=[pl.BlockSpec((None, None, bq, E), row_map), pl.BlockSpec((None, None, bq, 1), row_map)],
+        out_specs=[pl.BlockSpec((None, None, bq, E), row_map), pl.BlockSpec((None, None, 1, bq), stat_map)],
         scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                         pltpu.VMEM((bq, E), jnp.float32)],
     )
     return pl.pallas_call(
         functools.partial(_fwd_kernel, static=static),
         grid_spec=grid_spec,
-        out_shape=[jax.ShapeDtypeStruct((B, H, Tp, E), q.dtype), jax.ShapeDtypeStruct((B, H, Tp, 1), jnp.float32)],
+        out_shape=[jax.ShapeDtypeStruct((B, H, Tp, E), q.dtype), jax.ShapeDtypeStruct((B, H, 1, Tp), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=static.interpret,
         name="attnjax_flash_fwd_tpu",
@@ -491,7 +503,8 @@ def _dq_kernel(counts_ref, visits_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
         problem = static.problem(leaf_refs, b, h)
         q_idx, kv_idx = _indices(i, kt, bq, bk)
         k = k_ref[...]
-        _, ds = _tile_grads(problem, q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...],
+        lse, delta = _row_to_col(lse_ref[...]), _row_to_col(delta_ref[...])
+        _, ds = _tile_grads(problem, q_ref[...], k, v_ref[...], do_ref[...], lse, delta,
                             q_idx, kv_idx, (b, h), masked, scale)
         acc_ref[...] += _dot(ds, k, NN) * scale
 
@@ -523,7 +536,8 @@ def _dkv_kernel(counts_ref, visits_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, de
         problem = static.problem(leaf_refs, b, h)
         q_idx, kv_idx = _indices(qt, kt, bq, bk)
         q, do = q_ref[...], do_ref[...]
-        p, ds = _tile_grads(problem, q, k_ref[...], v_ref[...], do, lse_ref[...], delta_ref[...],
+        lse, delta = _row_to_col(lse_ref[...]), _row_to_col(delta_ref[...])
+        p, ds = _tile_grads(problem, q, k_ref[...], v_ref[...], do, lse, delta,
                             q_idx, kv_idx, (b, h), masked, scale)
         dv_acc[...] += _dot(p.T, do, NN)
         dk_acc[...] += _dot(ds.T, q, NN) * scale
@@ -543,8 +557,8 @@ def _backward(static: _Static, q, k, v, tables, arrays, out, lse, d_out, d_lse):
     f32 = lambda x: x.astype(jnp.float32)
     # delta = rowsum(dO * O) - dlse (softmax's correction term). Padding rows hold garbage:
     # their delta and lse become 0 (their dO is 0). Rows with no key have weights 0 anyway.
-    real = (jnp.arange(Tp) < static.problem_meta.dims.q_len)[None, None, :, None]
-    delta = jnp.where(real, (f32(d_out) * f32(out)).sum(-1, keepdims=True) - d_lse, 0.0)
+    real = (jnp.arange(Tp) < static.problem_meta.dims.q_len)[None, None, None, :]
+    delta = jnp.where(real, (f32(d_out) * f32(out)).sum(-1)[:, :, None, :] - d_lse, 0.0)
     lse = jnp.where(real & (lse != -jnp.inf), lse, 0.0)
     params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
@@ -553,6 +567,7 @@ def _backward(static: _Static, q, k, v, tables, arrays, out, lse, d_out, d_lse):
     w = static.widths[1]
     kv_map = lambda b, h, i, j, c, vis: (b, h // G, vis[i * w + j] >> 1, 0)
     row_map = lambda b, h, i, j, c, vis: (b, h, i, 0)
+    stat_map = lambda b, h, i, j, c, vis: (b, h, 0, i)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, static=static),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -563,8 +578,8 @@ def _backward(static: _Static, q, k, v, tables, arrays, out, lse, d_out, d_lse):
                 pl.BlockSpec((None, None, bk, D), kv_map),
                 pl.BlockSpec((None, None, bk, E), kv_map),
                 pl.BlockSpec((None, None, bq, E), row_map),
-                pl.BlockSpec((None, None, bq, 1), row_map),
-                pl.BlockSpec((None, None, bq, 1), row_map),
+                pl.BlockSpec((None, None, 1, bq), stat_map),
+                pl.BlockSpec((None, None, 1, bq), stat_map),
                 *static.leaf_specs(_row_coords(static, (bq, bk), w)),
             ],
             out_specs=pl.BlockSpec((None, None, bq, D), row_map),
@@ -581,6 +596,7 @@ def _backward(static: _Static, q, k, v, tables, arrays, out, lse, d_out, d_lse):
     w = static.widths[2]
     q_map = lambda b, kvh, kt, s, c, vis: (b, kvh * G + s // w, vis[kt * w + s % w] >> 1, 0)
     col_map = lambda b, kvh, kt, s, c, vis: (b, kvh, kt, 0)
+    stat_map = lambda b, kvh, kt, s, c, vis: (b, kvh * G + s // w, 0, vis[kt * w + s % w] >> 1)
     coords = _Coords(lambda b, kvh, kt, s, c, vis: (b, kvh * G + s // w, vis[kt * w + s % w] >> 1, kt), (bq, bk))
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, static=static, groups=G),
@@ -592,8 +608,8 @@ def _backward(static: _Static, q, k, v, tables, arrays, out, lse, d_out, d_lse):
                 pl.BlockSpec((None, None, bk, D), col_map),
                 pl.BlockSpec((None, None, bk, E), col_map),
                 pl.BlockSpec((None, None, bq, E), q_map),
-                pl.BlockSpec((None, None, bq, 1), q_map),
-                pl.BlockSpec((None, None, bq, 1), q_map),
+                pl.BlockSpec((None, None, 1, bq), stat_map),
+                pl.BlockSpec((None, None, 1, bq), stat_map),
                 *static.leaf_specs(coords),
             ],
             out_specs=[pl.BlockSpec((None, None, bk, D), col_map), pl.BlockSpec((None, None, bk, E), col_map)],

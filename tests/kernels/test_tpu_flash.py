@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from attnjax import masks, ops, score_mods
@@ -55,3 +54,30 @@ def test_tpu_flash_matches_reference(kind, dtype, D, request):
     if (kind, dtype, D) not in FAST and "slow" not in request.keywords:
         request.applymarker(pytest.mark.slow)
     _check(kind, dtype, D)
+
+
+def test_tpu_flash_lse_on_ragged_lengths():
+    """Lengths that are not tile multiples (padded inside), and the log-sum-exp output."""
+    _check("causal", "f32", 64, t=200, s=300, return_lse=True)
+
+
+def test_tpu_flash_rows_without_keys_give_zeros():
+    """Bottom-right causal with T > S: the first T - S queries see no key (zeros, finite grads)."""
+    _check("causal", "f32", 64, t=384, s=256)
+
+
+@pytest.mark.slow
+def test_tpu_flash_default_tiles():
+    """``block_sizes=None``: the TPU defaults (512) clipped to the lengths."""
+    _check("document", "bf16", 128, block_sizes=None)
+
+
+def test_tpu_flash_declines_what_it_cannot_serve():
+    q = k = v = jnp.zeros((1, 128, 2, 64))
+    with platform.target("tpu"):
+        for kw in (dict(bias=jnp.zeros((1, 1, 128, 128))),
+                   dict(score_mod=score_mods.relative_bias(jnp.ones((2, 9)))),
+                   dict(dropout_rate=0.1, dropout_key=jax.random.key(0)),
+                   dict(block_sizes=ops.BlockSizes(64, 64))):
+            with pytest.raises(NotImplementedError):
+                ops.attention(q, k, v, implementation="pallas", **kw)
