@@ -21,14 +21,18 @@ from kernels_pallas.compile_check_tpu import compile_for_v5e
 def flash_case(T: int, D: int, *, B: int = 1, H: int = 4, K: int = 2, dtype=jnp.bfloat16, kind: str = "causal"):
     """``(fn, args)``: value and gradients of flash attention with GQA ``H:K``. ``kind``: ``causal``,
     ``full``, ``window`` (1024 keys back), ``document`` (causal within documents whose segment ids
-    are an argument, so traced: the kernels get full-width visit tables) or ``sigmoid`` (causal)."""
+    are an argument, so traced: the kernels get full-width visit tables), ``sigmoid`` (causal) or
+    ``dropout`` (causal, rate 0.1)."""
     def loss(q, k, v, *ids):
         normalizer = "sigmoid" if kind == "sigmoid" else "softmax"
         mask = {"causal": masks.causal(), "sigmoid": masks.causal(), "full": None,
                 "window": masks.sliding_window(1024, 0)}.get(kind)
         if kind == "document":
             mask = masks.document(ids[0]) & masks.causal()
-        out = ops.attention(q, k, v, mask=mask, normalizer=normalizer, implementation="pallas")
+        dropout = dict(dropout_rate=0.1, dropout_key=jax.random.key(0)) if kind == "dropout" else {}
+        if kind == "dropout":
+            mask = masks.causal()
+        out = ops.attention(q, k, v, mask=mask, normalizer=normalizer, implementation="pallas", **dropout)
         return out.astype(jnp.float32).sum()
 
     args = (jax.ShapeDtypeStruct((B, T, H, D), dtype), jax.ShapeDtypeStruct((B, T, K, D), dtype),

@@ -246,8 +246,6 @@ def flash_attention(problem: Problem, q, k, v, bias, block_sizes: BlockSizes | N
         raise NotImplementedError("the TPU flash kernel takes no dense bias (use a score mod)")
     if problem.shard is not None:
         raise NotImplementedError("the TPU flash kernel does not take a Shard yet")
-    if problem.dropout is not None:
-        raise NotImplementedError("the TPU flash kernel does not implement dropout yet")
     d = problem.dims
     tiles = tpu_tiles(d.q_len, d.kv_len, block_sizes)
     t_len = round_up(d.q_len, math.lcm(tiles.block_q, tiles.block_q_dq, tiles.block_q_dkv))
@@ -349,8 +347,9 @@ def _tile_grads(problem, q, k, v, do, lse, delta, q_idx, kv_idx, bh, masked, sca
     s, mod_vjp = _logits(problem, q, k, q_idx, kv_idx, bh, scale)
     ok = tiling.allowed(problem, q_idx, kv_idx, bh) if masked else None
     dp = _dot(do, v, NT)[None, None]
+    zs = tiling.dropout_scale(problem, q_idx, kv_idx, bh)
     p, ds, _ = tiling.tile_backward(problem.normalizer, problem.lengths[1], s, ok,
-                                    lse[None, None], delta[None, None], dp)
+                                    lse[None, None], delta[None, None], dp, zs)
     (ds,) = mod_vjp(ds)
     return p[0, 0], ds[0, 0]
 
@@ -403,6 +402,7 @@ def _fwd_kernel(counts_ref, visits_ref, q_ref, k_ref, v_ref, *refs, static: _Sta
         s, _ = _logits(problem, q_ref[...], k_ref[...], q_idx, kv_idx, (b, h), meta.scale)  # [1, 1, bq, bk]
         ok = tiling.allowed(problem, q_idx, kv_idx, (b, h)) if masked else None
         v = v_ref[...]
+        zs = tiling.dropout_scale(problem, q_idx, kv_idx, (b, h))  # None without dropout
         if row_normalized:
             s = tiling.masked_logits(s, ok, -jnp.inf)[0, 0]  # [bq, bk]
             m_prev = m_ref[...]  # [bq, 1]
@@ -414,9 +414,11 @@ def _fwd_kernel(counts_ref, visits_ref, q_ref, k_ref, v_ref, *refs, static: _Sta
             alpha = jnp.exp(m_prev - m_safe)
             m_ref[...] = m_new
             l_ref[...] = alpha * l_ref[...] + p.sum(axis=-1, keepdims=True)
-            acc_ref[...] = alpha * acc_ref[...] + _dot(p, v, NN)
+            # With dropout the row sum counts every weight, the values only the kept ones.
+            kept = p if zs is None else p * zs[0, 0]
+            acc_ref[...] = alpha * acc_ref[...] + _dot(kept, v, NN)
         else:
-            p = tiling.elementwise_weights(problem.normalizer, problem.lengths[1], s, ok)[0, 0]
+            p = tiling.elementwise_weights(problem.normalizer, problem.lengths[1], s, ok, zs)[0, 0]
             acc_ref[...] += _dot(p, v, NN)
 
     pl.when(j < counts_ref[i])(lambda: _branches(run, full))

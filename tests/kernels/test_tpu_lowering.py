@@ -32,6 +32,7 @@ KINDS = {
     "document": dict(mask=masks.document(SEG) & masks.causal()),
     "alibi": dict(mask=masks.causal(), score_mod=score_mods.alibi(score_mods.alibi_slopes(H))),
     "softcap": dict(score_mod=score_mods.softcap(30.0)),
+    "dropout": dict(mask=masks.causal(), dropout_rate=0.1, dropout_key=jax.random.key(0)),
 }
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 FAST = {("softmax", "document", "bf16"), ("sigmoid", "alibi", "bf16"), ("softmax", "causal", "f32")}
@@ -63,8 +64,6 @@ def test_tpu_flash_lowers(normalizer, kind, dtype, request):
 DECLINED = {
     "relative_bias": lambda q, k, v: ops.attention(q, k, v, score_mod=score_mods.relative_bias(jnp.ones((H, 33)))),
     "dense_bias": lambda q, k, v: ops.attention(q, k, v, bias=jnp.zeros((1, 1, T, T))),
-    "dropout": lambda q, k, v: ops.attention(q, k, v, mask=masks.causal(), dropout_rate=0.1,
-                                             dropout_key=jax.random.key(0)),
     "tile_64": lambda q, k, v: ops.attention(q, k, v, block_sizes=ops.BlockSizes(64, 64)),
 }
 
@@ -90,7 +89,7 @@ def test_tpu_is_chosen_by_default_on_tpu():
 # -- a real compile for a compile-only v5e ---------------------------------------------------------
 
 COMPILE_CASES = [(T, D, "causal") for T in (1024, 16384, 131072) for D in (64, 128)] + [
-    (16384, 128, "document"), (16384, 128, "sigmoid"), (131072, 128, "window")]
+    (16384, 128, "document"), (16384, 128, "sigmoid"), (16384, 128, "dropout"), (131072, 128, "window")]
 
 
 def _compile_in_subprocess(T, D, kind) -> dict:
