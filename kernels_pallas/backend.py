@@ -31,9 +31,13 @@ def interpret() -> bool:
     return platform() not in ("gpu", "tpu")
 
 
+TPU_KERNELS = ("flash",)
+"""Kernel families with a TPU (Mosaic) variant; the others decline on TPU."""
+
+
 def require_supported(kernel: str) -> None:
     """Declines (NotImplementedError, at trace time) on a platform the kernels are not validated on."""
-    if platform() == "tpu":
+    if platform() == "tpu" and kernel not in TPU_KERNELS:
         raise NotImplementedError(f"the Pallas {kernel} kernels are not validated on TPU")
 
 

@@ -88,6 +88,10 @@ DEFAULTS: dict[tuple[str, str], BlockSizes] = {
     # largest square tile whose fp32 accumulators stay in registers for D <= 128.
     ("flash", "cpu"): BlockSizes(128, 128),
     ("flash", "gpu"): BlockSizes(64, 64),
+    # TPU (Mosaic): multiples of the 128-wide MXU and lanes; 512 amortizes the ~0.35 us per grid
+    # step and keeps a tile's f32 logits (1 MiB) and their backward temporaries well inside the
+    # 16 MiB scoped VMEM of v5e (compile table in docs/kernels.md).
+    ("flash", "tpu"): BlockSizes(512, 512),
     ("flash", "any"): BlockSizes(128, 128),
     # Lightning attention: the chunk length of the xla and Pallas paths.
     ("lightning", "any"): BlockSizes(64, 64),

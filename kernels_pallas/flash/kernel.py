@@ -77,6 +77,10 @@ def flash_attention(problem: Problem, q, k, v, bias, block_sizes: BlockSizes | N
     Raises NotImplementedError (so dispatch falls back) for an additive ``bias``, on a platform
     the kernels are not validated on, and when score-mod or normalizer parameters need gradients.
     """
+    if backend.platform() == "tpu":  # the TPU kernels have their own layout (kernels_pallas/flash/tpu.py)
+        from kernels_pallas.flash import tpu
+
+        return tpu.flash_attention(problem, q, k, v, bias, block_sizes)
     if bias is not None:
         raise NotImplementedError("the Pallas flash kernel takes no dense bias (use a score mod)")
     backend.require_supported("flash")
