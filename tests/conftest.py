@@ -31,6 +31,9 @@ SLOW = (
     "tests/ops/test_sparse.py::test_hyper_error_falls_with_sample_size",
     "tests/ops/test_linear.py::test_random_features_approximate_softmax",
     "tests/ops/test_gated.py::test_moh_skipping_equals_dense[prefix_lm]",
+    "tests/test_project.py::test_readme_python_blocks_run",
+    # doctests whose examples compile a whole routed / sharded pipeline
+    "attnjax/ops/sparse/", "attnjax/nn/routing.py::", "attnjax/parallel/api.py::",
 )
 FAST_EXPERIMENTS = ("test_bad_configs",)  # config checks; the training runs are slow
 
@@ -39,5 +42,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         nodeid = item.nodeid
         training = nodeid.startswith("tests/test_experiments.py::") and not any(f in nodeid for f in FAST_EXPERIMENTS)
-        if training or any(pattern in nodeid for pattern in SLOW):
+        # Real accelerator compiles (marker compile, CI's second step) are never in the fast tier.
+        if training or item.get_closest_marker("compile") or any(pattern in nodeid for pattern in SLOW):
             item.add_marker(pytest.mark.slow)

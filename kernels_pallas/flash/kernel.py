@@ -39,6 +39,7 @@ from attnjax.core.blocks import BlockSizes
 from attnjax.core.tiling import FULL, Problem
 from attnjax.core.utils import round_up
 from kernels_pallas import backend
+from kernels_pallas.flash.vjp import flash_vjp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,39 +379,4 @@ def _backward_kernels(static: _Static, q, k, v, plans, leaves, out, lse, d_out, 
 # Differentiation
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(static, q, k, v, plans, leaves):
-    return _forward(static, q, k, v, plans, leaves)
-
-
-def _flash_fwd(static, q, k, v, plans, leaves):
-    # symbolic_zeros=True wraps each argument leaf, telling which ones are differentiated.
-    if any(x.perturbed for x in jax.tree.leaves(leaves, is_leaf=_is_primal)):
-        raise NotImplementedError(
-            "the Pallas flash kernel does not differentiate score-mod or normalizer parameters"
-        )
-    value = lambda tree: jax.tree.map(lambda x: x.value, tree, is_leaf=_is_primal)
-    q, k, v, plans, leaves = value((q, k, v, plans, leaves))
-    out, lse = _forward(static, q, k, v, plans, leaves)
-    return (out, lse), (q, k, v, plans, leaves, out, lse)
-
-
-def _flash_bwd(static, res, cotangents):
-    q, k, v, plans, leaves, out, lse = res
-    d_out, d_lse = cotangents
-    d_out = jnp.zeros_like(out) if _is_zero(d_out) else d_out
-    d_lse = jnp.zeros_like(lse) if _is_zero(d_lse) else d_lse
-    dq, dk, dv = _backward_kernels(static, q, k, v, plans, leaves, out, lse, d_out, d_lse)
-    none = lambda tree: jax.tree.map(lambda _: None, tree)
-    return dq, dk, dv, none(plans), none(leaves)
-
-
-def _is_primal(x) -> bool:
-    return isinstance(x, jax.custom_derivatives.CustomVJPPrimal)
-
-
-def _is_zero(x) -> bool:
-    return isinstance(x, jax.custom_derivatives.SymbolicZero)
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)
+_flash = flash_vjp(_forward, _backward_kernels, "Pallas flash kernel")

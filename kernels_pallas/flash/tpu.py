@@ -56,6 +56,7 @@ from attnjax.core.blocks import BlockSizes
 from attnjax.core.tiling import FULL, Problem
 from attnjax.core.utils import round_up
 from kernels_pallas import backend
+from kernels_pallas.flash.vjp import flash_vjp
 
 LANES = 128
 _compiled = threading.local()
@@ -629,37 +630,4 @@ def _backward(static: _Static, q, k, v, tables, arrays, out, lse, d_out, d_lse):
 # Differentiation
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(static, q, k, v, tables, arrays):
-    return _forward(static, q, k, v, tables, arrays)
-
-
-def _flash_fwd(static, q, k, v, tables, arrays):
-    # symbolic_zeros=True wraps each argument leaf, telling which ones are differentiated.
-    if any(x.perturbed for x in jax.tree.leaves(arrays, is_leaf=_is_primal)):
-        raise NotImplementedError("the TPU flash kernel does not differentiate score-mod or normalizer parameters")
-    value = lambda tree: jax.tree.map(lambda x: x.value, tree, is_leaf=_is_primal)
-    q, k, v, tables, arrays = value((q, k, v, tables, arrays))
-    out, lse = _forward(static, q, k, v, tables, arrays)
-    return (out, lse), (q, k, v, tables, arrays, out, lse)
-
-
-def _flash_bwd(static, res, cotangents):
-    q, k, v, tables, arrays, out, lse = res
-    d_out, d_lse = cotangents
-    d_out = jnp.zeros_like(out) if _is_zero(d_out) else d_out
-    d_lse = jnp.zeros_like(lse) if _is_zero(d_lse) else d_lse
-    dq, dk, dv = _backward(static, q, k, v, tables, arrays, out, lse, d_out, d_lse)
-    none = lambda tree: jax.tree.map(lambda _: None, tree)
-    return dq, dk, dv, none(tables), none(arrays)
-
-
-def _is_primal(x) -> bool:
-    return isinstance(x, jax.custom_derivatives.CustomVJPPrimal)
-
-
-def _is_zero(x) -> bool:
-    return isinstance(x, jax.custom_derivatives.SymbolicZero)
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)
+_flash = flash_vjp(_forward, _backward, "TPU flash kernel")

@@ -50,12 +50,10 @@ def _check(kind, dtype, D, t=T, s=S, return_lse=False, block_sizes=TILES):
         harness.check_vjp(op("pallas"), op("reference"), args, DTYPES[dtype], what=f"tpu {kind}")
 
 
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("kind", list(KINDS))
-def test_tpu_flash_matches_reference(kind, dtype, D, request):
-    if (kind, dtype, D) not in FAST and "slow" not in request.keywords:
-        request.applymarker(pytest.mark.slow)
+@pytest.mark.parametrize("kind, dtype, D", [
+    pytest.param(kind, dtype, D, id=f"{kind}-{dtype}-{D}", marks=() if (kind, dtype, D) in FAST else pytest.mark.slow)
+    for kind in KINDS for dtype in DTYPES for D in (64, 128)])
+def test_tpu_flash_matches_reference(kind, dtype, D):
     _check(kind, dtype, D)
 
 
