@@ -1,6 +1,7 @@
-"""``python -m experiments.bench.tpu_compile --T 16384 --D 128 [--kind causal]``: compiles the TPU
-flash kernels (value and gradients) for a compile-only TPU v5e with pip ``libtpu`` and prints one
-JSON line (compile success, kernel count, the compiler's memory analysis). One case per process:
+"""``python -m experiments.bench.tpu_compile --T 16384 --D 128 [--kernel flash] [--kind causal]``:
+compiles the TPU kernels (value and gradients) of ``--kernel`` (``flash``, ``neighborhood``,
+``lightning``) for a compile-only TPU v5e with pip ``libtpu`` and prints one JSON line (compile
+success, kernel count, the compiler's memory analysis). One case per process:
 libtpu can abort the process on a kernel it rejects. ``tests/kernels/test_tpu_lowering.py``
 (marker ``compile``) runs the table in ``benchmarks/results/tpu-compile-v5e.json`` through it.
 """
@@ -42,6 +43,48 @@ def flash_case(T: int, D: int, *, B: int = 1, H: int = 4, K: int = 2, dtype=jnp.
     return jax.value_and_grad(loss, argnums=(0, 1, 2)), args
 
 
+NEIGHBORHOOD_KINDS = {
+    # kind: (spatial shape for T tokens, kernel_size); T is the total token count.
+    "1d": (lambda T: (T,), 129),
+    "2d": (lambda T: (int(round(T ** 0.5)),) * 2, (13, 13)),
+    "3d": (lambda T: (16, *(int(round((T // 16) ** 0.5)),) * 2), (5, 7, 7)),
+}
+
+
+def neighborhood_case(T: int, D: int, *, B: int = 1, H: int = 4, K: int = 2, dtype=jnp.bfloat16, kind: str = "2d"):
+    """``(fn, args)``: value and gradients of neighborhood attention on ``T`` tokens laid out as
+    ``kind`` (``1d``: ``T``, window 129; ``2d``: ``sqrt(T)^2``, 13x13; ``3d``: ``16 x sqrt(T/16)^2``,
+    5x7x7), GQA ``H:K``, the TPU spatial tiles (128, 16x8, 8x4x4)."""
+    shape, kernel_size = NEIGHBORHOOD_KINDS[kind]
+    spatial = shape(T)
+
+    def loss(q, k, v):
+        out = ops.neighborhood_attention(q, k, v, kernel_size=kernel_size, implementation="pallas")
+        return out.astype(jnp.float32).sum()
+
+    args = (jax.ShapeDtypeStruct((B, *spatial, H, D), dtype), jax.ShapeDtypeStruct((B, *spatial, K, D), dtype),
+            jax.ShapeDtypeStruct((B, *spatial, K, D), dtype))
+    return jax.value_and_grad(loss, argnums=(0, 1, 2)), args
+
+
+def lightning_case(T: int, D: int, *, B: int = 1, H: int = 4, dtype=jnp.bfloat16, kind: str = "decay"):
+    """``(fn, args)``: value and gradients (q, k, v, log_decay, initial state) of lightning attention
+    with per-head decays, the final state returned too; ``kind="documents"`` adds segment ids."""
+    def loss(q, k, v, a, s0, *ids):
+        out, final = ops.lightning_attention(q, k, v, log_decay=a, initial_state=s0, return_final_state=True,
+                                             segment_ids=ids[0] if ids else None, implementation="pallas")
+        return out.astype(jnp.float32).sum() + final.sum()
+
+    args = (*(jax.ShapeDtypeStruct((B, T, H, D), dtype) for _ in range(3)), jax.ShapeDtypeStruct((H,), jnp.float32),
+            jax.ShapeDtypeStruct((B, H, D, D), jnp.float32))
+    if kind == "documents":
+        args += (jax.ShapeDtypeStruct((B, T), jnp.int32),)
+    return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)), args
+
+
+CASES = {"flash": flash_case, "neighborhood": neighborhood_case, "lightning": lightning_case}
+
+
 def main(argv=None):
     # Other processes on this host may hold libtpu's lockfile (JAX initializes libtpu when it is
     # installed); a compile-only topology does not need exclusive use of a chip.
@@ -49,11 +92,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--T", type=int, required=True)
     parser.add_argument("--D", type=int, required=True)
-    parser.add_argument("--kind", default="causal")
+    parser.add_argument("--kernel", default="flash", choices=list(CASES))
+    parser.add_argument("--kind", default=None, help="the case's variant (default: the kernel's first)")
     parser.add_argument("--dtype", default="bfloat16")
     a = parser.parse_args(argv)
-    fn, args = flash_case(a.T, a.D, dtype=jnp.dtype(a.dtype), kind=a.kind)
-    result = dict(kernel="flash", T=a.T, D=a.D, kind=a.kind, dtype=a.dtype, **compile_for_v5e(fn, *args))
+    kind = a.kind or {"flash": "causal", "neighborhood": "2d", "lightning": "decay"}[a.kernel]
+    fn, args = CASES[a.kernel](a.T, a.D, dtype=jnp.dtype(a.dtype), kind=kind)
+    result = dict(kernel=a.kernel, T=a.T, D=a.D, kind=kind, dtype=a.dtype, **compile_for_v5e(fn, *args))
     print(json.dumps(result), flush=True)
 
 
