@@ -77,6 +77,29 @@ def test_tpu_neighborhood_odd_spatial_tile_falls_back_under_jit():
     assert _lowered_value_and_grad(op, (x, x, x)) == 0
 
 
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("segments", [False, True], ids=["plain", "documents"])
+def test_tpu_lightning_lowers(segments, D):
+    """Lightning's forward, dq and dk/dv kernels, each lowered (the whole jit too: the forward
+    call is kept by the final state in the loss)."""
+    x = jnp.zeros((B, 300, 2, D), jnp.bfloat16)
+    seg = jnp.repeat(jnp.arange(3, dtype=jnp.int32), 100)[None] if segments else None
+
+    def op(q, k, v, a):
+        out, final = ops.lightning_attention(q, k, v, log_decay=a, segment_ids=seg, return_final_state=True,
+                                             implementation="pallas")
+        return out.astype(jnp.float32).sum() + final.sum()
+
+    lowered = lower_for_tpu(jax.value_and_grad(op, argnums=(0, 1, 2, 3)), x, x, x, jnp.full((2,), -0.1))
+    assert tpu_calls(lowered) == 3
+
+
+def test_tpu_lightning_odd_chunks_fall_back_under_jit():
+    x = jnp.zeros((B, 256, 2, 64), jnp.bfloat16)
+    op = lambda q, k, v: ops.lightning_attention(q, k, v, log_decay=-0.1, block_size=64)
+    assert _lowered_value_and_grad(op, (x, x, x)) == 0
+
+
 # -- what the TPU kernels cannot serve falls back to xla inside jit -------------------------------
 
 
@@ -117,8 +140,11 @@ COMPILE_CASES = [("flash", T, D, "causal") for T in (1024, 16384, 131072) for D 
     # under jit it becomes a tracer. Moving the transpose inside fixes it (checked: compiles).
     pytest.param("neighborhood", 65536, 128, "2d", marks=pytest.mark.xfail(
         reason="dkv visit table full width under jit (flash/tpu.py _visit_tables)", strict=False)),
+    # lightning: B=1 H=4 D=E, decay, initial and final state; documents: traced segment ids
+    *[("lightning", T, D, "decay") for T in (1024, 16384, 131072) for D in (64, 128)],
+    ("lightning", 16384, 128, "documents"),
 ]
-KERNELS = {"flash": 3, "neighborhood": 3}
+KERNELS = {"flash": 3, "neighborhood": 3, "lightning": 3}
 
 
 def _compile_in_subprocess(kernel, T, D, kind) -> dict:
