@@ -31,7 +31,7 @@ def interpret() -> bool:
     return platform() not in ("gpu", "tpu")
 
 
-TPU_KERNELS = ("flash",)
+TPU_KERNELS = ("flash", "lightning")
 """Kernel families with a TPU (Mosaic) variant; the others decline on TPU."""
 
 

@@ -95,6 +95,8 @@ DEFAULTS: dict[tuple[str, str], BlockSizes] = {
     ("flash", "any"): BlockSizes(128, 128),
     # Lightning attention: the chunk length of the xla and Pallas paths.
     ("lightning", "any"): BlockSizes(64, 64),
+    # TPU: chunks are multiples of the 128 lanes (kernels_pallas/lightning/tpu.py).
+    ("lightning", "tpu"): BlockSizes(128, 128),
 }
 
 SPATIAL_TILES: dict[int, tuple[int, ...]] = {1: (64,), 2: (8, 8), 3: (4, 4, 4)}

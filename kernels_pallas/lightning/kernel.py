@@ -232,6 +232,10 @@ def lightning(q, k, v, a, docs, s0, scale: float, block_size: int):
 
     Returns ``(out [B, T, H, E] float32, final_state [B, H, D, E] float32)``.
     """
+    if backend.platform() == "tpu":  # the TPU kernels have their own layout (kernels_pallas/lightning/tpu.py)
+        from kernels_pallas.lightning import tpu
+
+        return tpu.lightning(q, k, v, a, docs, s0, scale, block_size)
     backend.require_supported("lightning")
     B, T, H, D = q.shape
     E = v.shape[-1]
