@@ -27,8 +27,19 @@ def platform() -> str:
 
 
 def interpret() -> bool:
-    """Pallas kernels run in interpret mode on CPU (tests), compiled elsewhere."""
-    return platform() not in ("gpu", "tpu")
+    """Pallas kernels run in interpret mode on CPU (tests), compiled on an accelerator or under
+    ``platform.target(name)`` (``attnjax.core.platform.interpret``)."""
+    return platform_lib.interpret()
+
+
+def tpu_interpret_params():
+    """The TPU kernels' ``interpret=``: TPU semantics simulated on the host in interpret mode,
+    ``False`` (compiled with Mosaic) otherwise."""
+    if not interpret():
+        return False
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu.InterpretParams()
 
 
 TPU_KERNELS = ("flash", "lightning")

@@ -4,8 +4,8 @@ The TPU twin of :mod:`kernels_pallas.compile_check`:
 
 * :func:`lower_for_tpu` lowers a function for TPU as if a v5e were attached (an abstract mesh
   names the device kind for the Mosaic lowering; ``attnjax.core.platform.target("tpu")`` makes
-  the library choose as it would on a TPU, and ``kernels_pallas.flash.tpu.compiled()`` builds
-  compiled, not interpret-mode, kernels). The StableHLO text holds one ``tpu_custom_call`` per kernel.
+  the library choose as it would on a TPU and build compiled, not interpret-mode, kernels). The
+  StableHLO text holds one ``tpu_custom_call`` per kernel.
 * :func:`compile_for_v5e` runs the real Mosaic and XLA:TPU compilers of pip ``libtpu`` (the
   ``accel-check`` extra) against a compile-only v5e from ``jax.experimental.topologies``, and
   reports the compiler's memory analysis. libtpu can abort the whole process on a kernel it
@@ -30,7 +30,6 @@ from jax.sharding import (
 )
 
 from attnjax.core import platform
-from kernels_pallas.flash import tpu as flash_tpu
 
 V5E = AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
 TPU_CALL = "tpu_custom_call"
@@ -39,7 +38,7 @@ TPU_CALL = "tpu_custom_call"
 def lower_for_tpu(fn, *args) -> str:
     """The StableHLO text of ``jax.jit(fn)(*args)`` lowered for TPU on an abstract v5e."""
     mesh = AbstractMesh((1,), ("x",), axis_types=(AxisType.Auto,), abstract_device=V5E)
-    with platform.target("tpu"), flash_tpu.compiled(), use_abstract_mesh(mesh):
+    with platform.target("tpu"), use_abstract_mesh(mesh):
         return jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
 
 
@@ -67,7 +66,7 @@ def compile_for_v5e(fn, *args) -> dict:
     start = time.perf_counter()
     # The abstract mesh answers the Mosaic lowering's questions about the chip (its generation).
     mesh = AbstractMesh((1,), ("x",), axis_types=(AxisType.Auto,), abstract_device=V5E)
-    with platform.target("tpu"), flash_tpu.compiled(), use_abstract_mesh(mesh):
+    with platform.target("tpu"), use_abstract_mesh(mesh):
         lowered = jax.jit(fn).trace(*specs).lower()
         kernels = tpu_calls(lowered.as_text())
         compiled = lowered.compile()

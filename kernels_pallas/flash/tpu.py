@@ -42,7 +42,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -59,28 +58,6 @@ from kernels_pallas import backend
 from kernels_pallas.flash.vjp import flash_vjp
 
 LANES = 128
-_compiled = threading.local()
-
-
-@contextlib.contextmanager
-def compiled():
-    """Builds compiled (Mosaic) kernels inside the block even on a CPU host: how the compile
-    checks (``kernels_pallas.compile_check_tpu``) lower for a TPU that is not here."""
-    previous = getattr(_compiled, "on", False)
-    _compiled.on = True
-    try:
-        yield
-    finally:
-        _compiled.on = previous
-
-
-def _interpret():
-    """Compiled on a TPU (or inside :func:`compiled`); TPU interpret mode anywhere else."""
-    if jax.default_backend() == "tpu" or getattr(_compiled, "on", False):
-        return False
-    return pltpu.InterpretParams()
-
-
 # ---------------------------------------------------------------------------------------------
 # Problem arrays: how each leaf of the Problem enters the kernels.
 
@@ -256,7 +233,7 @@ def flash_attention(problem: Problem, q, k, v, bias, block_sizes: BlockSizes | N
     plans = tuple(_plan_leaf(x, axes) for x, axes in zip(leaves, _leaf_axes(problem)))
     arrays = tuple(_prepare_leaf(x, p, t_len, s_len) for x, p in zip(leaves, plans))
     tables, widths = _visit_tables(problem, tiles)
-    static = _Static(treedef, plans, tiles, widths, _interpret())
+    static = _Static(treedef, plans, tiles, widths, backend.tpu_interpret_params())
 
     heads_major = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
     args = (heads_major(q, t_len), heads_major(k, s_len), heads_major(v, s_len), tables, arrays)
@@ -301,9 +278,11 @@ def _visit_tables(problem: Problem, tiles: BlockSizes):
             with jax.ensure_compile_time_eval():
                 maps[(bq, bk)] = tiling.tile_plan(problem, bq, bk)
         classes = maps[(bq, bk)]
-        classes = classes.T if transpose else classes
         concrete = not isinstance(classes, jax.core.Tracer)
         with jax.ensure_compile_time_eval() if concrete else contextlib.nullcontext():
+            # Transposed inside the compile-time block: a concrete map stays concrete, so the
+            # dk/dv grid shrinks too (and its visit table fits SMEM at 64K+ tokens).
+            classes = classes.T if transpose else classes
             order, counts = tiling.compact(classes)
             w = max(int(counts.max()), 1) if concrete else classes.shape[1]
             j = jnp.minimum(jnp.arange(w, dtype=jnp.int32)[None, :], jnp.maximum(counts[:, None] - 1, 0))

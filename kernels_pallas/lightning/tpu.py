@@ -37,7 +37,7 @@ from jax.experimental.pallas import tpu as pltpu
 from attnjax.core.blocks import BlockSizes
 from attnjax.core.utils import round_up
 from kernels_pallas import backend
-from kernels_pallas.flash.tpu import LANES, _interpret
+from kernels_pallas.flash.tpu import LANES
 
 F32 = jnp.float32
 EDGES = 4  # per chunk in the SMEM table: first doc, last doc, previous chunk's last, next chunk's first
@@ -297,7 +297,7 @@ def lightning(q, k, v, a, docs, s0, scale: float, block_size: int | None = None)
     nxt = jnp.concatenate([first[:, 1:], last[:, -1:]], axis=1)
     edges = jnp.stack([first, last, prev, nxt], axis=-1).reshape(-1).astype(F32)  # ids are exact in f32
     heads_major = lambda x: jnp.pad(x, ((0, 0), (0, Tp - T), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-    static = _Static(length=T, block=C, chunks=n, scale=float(scale), interpret=_interpret())
+    static = _Static(length=T, block=C, chunks=n, scale=float(scale), interpret=backend.tpu_interpret_params())
     out, final = _lightning(static, heads_major(q), heads_major(k), heads_major(v), a.astype(F32).reshape(H),
                             edges, docs.astype(F32)[:, None, :], s0.astype(F32))
     return out[:, :, :T].transpose(0, 2, 1, 3), final

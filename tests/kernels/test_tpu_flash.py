@@ -1,7 +1,7 @@
 """The TPU flash kernels (``kernels_pallas/flash/tpu.py``) against the dense reference, values and
 gradients, in TPU interpret mode (``pltpu.InterpretParams``: TPU memory semantics on CPU).
 
-``attnjax.core.platform.target("tpu")`` makes ``implementation="pallas"`` route to the TPU
+``attnjax.core.platform.target("tpu", interpret=True)`` makes ``implementation="pallas"`` route to the TPU
 kernels; only ``"pallas"`` is allowed, so a kernel that declined would fail the test rather than
 fall back. Interpret mode is ~30x slower than the GPU template's, so shapes are small and most
 cases are ``slow``. Lowering and compiling for TPU v5e: ``test_tpu_lowering.py``.
@@ -46,7 +46,7 @@ def _check(kind, dtype, D, t=T, s=S, return_lse=False, block_sizes=TILES):
     args = shape.qkv(jax.random.key(1))
     op = lambda impl: lambda q, k, v: ops.attention(q, k, v, implementation=impl, return_lse=return_lse,
                                                     block_sizes=block_sizes, **kw)
-    with platform.target("tpu"):
+    with platform.target("tpu", interpret=True):
         harness.check_vjp(op("pallas"), op("reference"), args, DTYPES[dtype], what=f"tpu {kind}")
 
 
@@ -76,7 +76,7 @@ def test_tpu_flash_default_tiles():
 
 def test_tpu_flash_declines_what_it_cannot_serve():
     q = k = v = jnp.zeros((1, 128, 2, 64))
-    with platform.target("tpu"):
+    with platform.target("tpu", interpret=True):
         for kw in (dict(bias=jnp.zeros((1, 1, 128, 128))),
                    dict(score_mod=score_mods.relative_bias(jnp.ones((2, 9)))),
                    dict(block_sizes=ops.BlockSizes(64, 64))):

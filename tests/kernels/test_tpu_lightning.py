@@ -29,7 +29,7 @@ def _check(T, D, E, dtype, segments, H=2, K=2, block_size=None):
         q, k, v, log_decay=a, initial_state=s0, segment_ids=seg, return_final_state=True,
         block_size=block_size if impl == "pallas" else None, implementation=impl)
     loose = {"grad[4]": 2e-2} if dtype == "bf16" else None  # d log_decay sums cancelling terms
-    with platform.target("tpu"):
+    with platform.target("tpu", interpret=True):
         harness.check_vjp(op("pallas"), op("reference"), (q, k, v, s0, DECAYS[:H]), DTYPES[dtype],
                           key=jax.random.key(11), err=harness.rel_rmse, tol=TOL[dtype], loose=loose,
                           what=f"tpu lightning T={T}")
@@ -52,5 +52,5 @@ def test_tpu_lightning_gqa_wide_heads_two_chunk_sizes():
 
 def test_tpu_lightning_declines_odd_chunks():
     x = jnp.zeros((1, 256, 2, 32))
-    with platform.target("tpu"), pytest.raises(NotImplementedError, match="multiples of 128"):
+    with platform.target("tpu", interpret=True), pytest.raises(NotImplementedError, match="multiples of 128"):
         ops.lightning_attention(x, x, x, block_size=64, implementation="pallas")

@@ -1,5 +1,5 @@
 """Neighborhood attention on the TPU flash kernels (``attnjax/ops/neighborhood/pallas.py`` under
-``platform.target("tpu")``: tile-permuted tokens, the ``TiledNeighborhood`` mask, TPU spatial
+``platform.target("tpu", interpret=True)``: tile-permuted tokens, the ``TiledNeighborhood`` mask, TPU spatial
 tiles of 128 tokens) against the dense reference, values and gradients, in TPU interpret mode.
 
 Only ``implementation="pallas"`` is allowed, so a kernel that declined would fail the test rather
@@ -41,7 +41,7 @@ def test_tpu_neighborhood_matches_reference(case, dtype, request):
         request.applymarker(pytest.mark.slow)
     spatial, kw = CASES[case]
     op = lambda impl: lambda q, k, v: ops.neighborhood_attention(q, k, v, implementation=impl, **kw)
-    with platform.target("tpu"):
+    with platform.target("tpu", interpret=True):
         harness.check_vjp(op("pallas"), op("reference"), _qkv(spatial), DTYPES[dtype], what=f"tpu {case}")
 
 
@@ -56,6 +56,6 @@ def test_tpu_spatial_tiles():
 
 def test_tpu_neighborhood_declines_odd_spatial_tiles():
     q = jnp.zeros((1, 16, 16, 2, 32))
-    with platform.target("tpu"), pytest.raises(NotImplementedError, match="multiple of 128"):
+    with platform.target("tpu", interpret=True), pytest.raises(NotImplementedError, match="multiple of 128"):
         ops.neighborhood_attention(q, q, q, kernel_size=3, implementation="pallas",
                                    block_sizes=ops.BlockSizes(spatial=(4, 4)))
