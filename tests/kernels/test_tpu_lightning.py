@@ -35,12 +35,11 @@ def _check(T, D, E, dtype, segments, H=2, K=2, block_size=None):
                           what=f"tpu lightning T={T}")
 
 
-@pytest.mark.parametrize("segments", [False, True], ids=["plain", "documents"])
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("T", [300, 1])
-def test_tpu_lightning_matches_reference(T, dtype, segments, request):
-    if (T, dtype, segments) != (300, "f32", True) and "slow" not in request.keywords:
-        request.applymarker(pytest.mark.slow)
+@pytest.mark.parametrize("T, dtype, segments", [
+    pytest.param(T, dtype, segments, id=f"{T}-{dtype}-{'documents' if segments else 'plain'}",
+                 marks=() if (T, dtype, segments) == (300, "f32", True) else pytest.mark.slow)
+    for T in (300, 1) for dtype in DTYPES for segments in (False, True)])
+def test_tpu_lightning_matches_reference(T, dtype, segments):
     _check(T, 32, 16, dtype, segments)
 
 

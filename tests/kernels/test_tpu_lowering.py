@@ -48,12 +48,10 @@ def _lowered_value_and_grad(op, args):
     return tpu_calls(lower_for_tpu(jax.value_and_grad(loss, argnums=tuple(range(len(args)))), *args))
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("normalizer", ["softmax", "sigmoid"])
-def test_tpu_flash_lowers(normalizer, kind, dtype, request):
-    if (normalizer, kind, dtype) not in FAST and "slow" not in request.keywords:
-        request.applymarker(pytest.mark.slow)
+@pytest.mark.parametrize("normalizer, kind, dtype", [
+    pytest.param(n, kind, dtype, id=f"{n}-{kind}-{dtype}", marks=() if (n, kind, dtype) in FAST else pytest.mark.slow)
+    for n in ("softmax", "sigmoid") for kind in KINDS for dtype in DTYPES])
+def test_tpu_flash_lowers(normalizer, kind, dtype):
     op = lambda q, k, v: ops.attention(q, k, v, normalizer=normalizer, implementation="pallas", **KINDS[kind])
     assert _lowered_value_and_grad(op, _qkv(64, DTYPES[dtype])) == 3  # forward, dq, dk+dv
 

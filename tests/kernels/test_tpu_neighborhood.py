@@ -34,11 +34,10 @@ def _qkv(spatial, H=2, K=1, D=32):
             harness.normal(kv, (1, *spatial, K, D)))
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("case", list(CASES))
-def test_tpu_neighborhood_matches_reference(case, dtype, request):
-    if (case not in FAST or dtype != "f32") and "slow" not in request.keywords:
-        request.applymarker(pytest.mark.slow)
+@pytest.mark.parametrize("case, dtype", [
+    pytest.param(case, dtype, id=f"{case}-{dtype}", marks=() if case in FAST and dtype == "f32" else pytest.mark.slow)
+    for case in CASES for dtype in DTYPES])
+def test_tpu_neighborhood_matches_reference(case, dtype):
     spatial, kw = CASES[case]
     op = lambda impl: lambda q, k, v: ops.neighborhood_attention(q, k, v, implementation=impl, **kw)
     with platform.target("tpu", interpret=True):
