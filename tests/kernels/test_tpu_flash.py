@@ -36,7 +36,7 @@ KINDS = {
         normalizer="sigmoid",
         score_mod=score_mods.compose(score_mods.alibi(score_mods.alibi_slopes(H)), score_mods.softcap(20.0))),
 }
-FAST = {("causal", "f32", 64), ("document", "bf16", 128)}
+FAST = {("document", "bf16", 128)}  # the fast tier: one TPU interpret case (segment ids by tile, bf16)
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 
 
@@ -57,6 +57,7 @@ def test_tpu_flash_matches_reference(kind, dtype, D):
     _check(kind, dtype, D)
 
 
+@pytest.mark.slow
 def test_tpu_flash_lse_on_ragged_lengths():
     """Lengths that are not tile multiples (padded inside), and the log-sum-exp output."""
     _check("causal", "f32", 64, t=200, s=300, return_lse=True)
