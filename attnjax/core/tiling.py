@@ -267,6 +267,39 @@ def allowed(problem: Problem, q_idx: Array, kv_idx: Array, bh=None) -> Array:
     return valid & problem.mask.predicate(*problem.lengths, *indices)
 
 
+def finite_or_zero(x: Array) -> tuple[Array, Array]:
+    """``(x with its non-finite entries zeroed, poison)``, ``poison`` float32 of shape
+    ``x.shape[:-1]``: 0 where the row ``x[..., :]`` is finite, NaN where it is not.
+
+    The two halves of confining a non-finite input to the entries the mask allows (see
+    :func:`guard`): the clean ``x`` goes into products, where a masked entry's weight 0 times a
+    finite number is 0 (``0 * NaN`` would be NaN), and the poison is added to the logits, where
+    the mask then removes it from masked entries and keeps it (NaN) in allowed ones."""
+    ok = jnp.isfinite(x)
+    clean = jnp.where(ok, x, jnp.zeros((), x.dtype))
+    return clean, jnp.where(ok.all(-1), 0.0, jnp.nan).astype(jnp.float32)
+
+
+def guard(q: Float[Array, "B t H D"], k: Float[Array, "B s K D"], v: Float[Array, "B s K E"]):
+    """Non-finite inputs for a tile with masked entries (a PARTIAL tile, or the dense reference):
+    returns ``(q, k, v, poison)`` with non-finite entries of ``q``, ``k``, ``v`` zeroed and
+    ``poison`` ``[B, H, t, s]`` (broadcast shape), NaN wherever query row ``t`` or key/value row
+    ``s`` held a non-finite entry, else 0. Add it to the tile's logits *after* the score mod (which
+    so sees, and differentiates at, finite scores only) and *before* masking.
+
+    Then a masked entry contributes exactly nothing, forward or backward, whatever its query, key
+    or value holds (``0 * NaN`` never happens), while an allowed entry with a non-finite input gets
+    a NaN logit, so the query that attends it still gets NaN (garbage in, garbage out, visible).
+    FULL tiles have no masked entry and skip this: their cost does not change."""
+    G = q.shape[2] // k.shape[2]
+    q, pq = finite_or_zero(q)  # [B, t, H]
+    k, pk = finite_or_zero(k)  # [B, s, K]
+    v, pv = finite_or_zero(v)
+    pkv = pk + pv
+    pkv = jnp.repeat(pkv, G, axis=2) if G > 1 else pkv  # [B, s, H]
+    return q, k, v, pq.transpose(0, 2, 1)[..., :, None] + pkv.transpose(0, 2, 1)[..., None, :]
+
+
 def dropout_scale(problem: Problem, q_idx: Array, kv_idx: Array, bh=None) -> Array | None:
     """``keep / (1 - rate)`` for a tile, or None without dropout."""
     if problem.dropout is None:
@@ -343,8 +376,14 @@ def tile_backward(normalizer: Normalizer, kv_len: int, s, ok, lse, delta, dp, zs
     dp = _dropped(dp, zs)
     if normalizer.row_normalized:
         p = jnp.exp(masked_logits(s, ok, -jnp.inf) - lse)
+        ds = p * (dp - delta)
+        if ok is not None:
+            # A masked entry's p is exp(-inf - lse) = 0, unless its row attends a non-finite input
+            # elsewhere (lse NaN); and its dp is NaN if its value is. Either way it must give
+            # exactly 0, so that dk, dv of keys the row cannot see stay clean.
+            p, ds = jnp.where(ok, p, 0.0), jnp.where(ok, ds, 0.0)
         zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), normalizer)
-        return _dropped(p, zs), p * (dp - delta), zeros
+        return _dropped(p, zs), ds, zeros
     p, w_vjp = jax.vjp(lambda s_, n_: n_.weights(kv_len, s_), masked_logits(s, ok, 0.0), normalizer)
     if ok is not None:
         p, dp = jnp.where(ok, p, 0.0), jnp.where(ok, dp, 0.0)

@@ -12,7 +12,7 @@ import pytest
 from attnjax import masks, ops, score_mods
 from tests import harness
 from tests.harness import Shape
-from tests.suites import AWKWARD, AttentionSuite
+from tests.suites import AWKWARD, AttentionSuite, check_poison_causal, check_poison_padding
 
 
 class TestXla(AttentionSuite):
@@ -136,3 +136,12 @@ class JitVariantsTest(chex.TestCase):
                                                         block_sizes=ops.BlockSizes(8, 16)))
         ref = ops.attention(q, k, v, mask=mask, implementation="reference")
         harness.assert_close(op(q, k, v), ref, harness.tolerance(jnp.float32), "xla vs reference")
+
+
+@pytest.mark.parametrize("normalizer", ["softmax", "sigmoid"])
+def test_reference_confines_poison(normalizer):
+    """The dense reference keeps non-finite keys/values away from queries masked from them."""
+    ref = lambda q, k, v, **kw: ops.attention(q, k, v, implementation="reference", **kw)
+    check_poison_causal(ref, normalizer)
+    if normalizer == "softmax":
+        check_poison_padding(ref)

@@ -98,10 +98,14 @@ def _forward(tiles: tiling.Tiling, q, k, v, bias, problem: Problem, plan):
 
         def body(kt, masked, carry):
             q_idx, kv_idx = _indices(tiles, i, kt)
-            k_j, v_j = _keys(k, kt, bk), _keys(v, kt, bk)
-            s = tiling.logits(problem, problem.score_mod, q_i, k_j, _bias_tile(bias, i, kt, bq, bk),
+            q_t, k_j, v_j = q_i, _keys(k, kt, bk), _keys(v, kt, bk)
+            if masked:  # confine non-finite inputs to allowed entries (FULL tiles have no other)
+                q_t, k_j, v_j, poison = tiling.guard(q_t, k_j, v_j)
+            s = tiling.logits(problem, problem.score_mod, q_t, k_j, _bias_tile(bias, i, kt, bq, bk),
                               q_idx, kv_idx)  # [B, H, bq, bk]
-            ok = tiling.allowed(problem, q_idx, kv_idx) if masked else None
+            ok = None
+            if masked:
+                s, ok = s + poison, tiling.allowed(problem, q_idx, kv_idx)
             zs = tiling.dropout_scale(problem, q_idx, kv_idx)
             pv = lambda p: tiling.weighted_values(p, v_j)
             if normalizer.row_normalized:
@@ -150,10 +154,14 @@ def _blockwise_bwd(tiles: tiling.Tiling, res, cotangents):
         def body(kt, masked, c):
             dq_i, dk, dv, dbias, dmod, dnorm = c
             q_idx, kv_idx = _indices(tiles, i, kt)
-            k_j, v_j = _keys(k, kt, bk), _keys(v, kt, bk)
+            q_t, k_j, v_j = q_i, _keys(k, kt, bk), _keys(v, kt, bk)
+            if masked:  # as in the forward; gradients are taken at the zeroed inputs
+                q_t, k_j, v_j, poison = tiling.guard(q_t, k_j, v_j)
             logits = lambda q_, k_, b_, m_: tiling.logits(problem, m_, q_, k_, b_, q_idx, kv_idx)
-            s, logits_vjp = jax.vjp(logits, q_i, k_j, _bias_tile(bias, i, kt, bq, bk), score_mod)
-            ok = tiling.allowed(problem, q_idx, kv_idx) if masked else None
+            s, logits_vjp = jax.vjp(logits, q_t, k_j, _bias_tile(bias, i, kt, bq, bk), score_mod)
+            ok = None
+            if masked:
+                s, ok = s + poison, tiling.allowed(problem, q_idx, kv_idx)
             dp = tiling.scores(do_i, v_j, 1.0)  # dO V^T, [B, H, bq, bk]
             zs = tiling.dropout_scale(problem, q_idx, kv_idx)
             p, ds, dnorm_t = tiling.tile_backward(normalizer, S, s, ok, lse_i, delta_i, dp, zs)
