@@ -55,7 +55,7 @@ class Dims:
         return self.heads // self.kv_heads
 
 
-@pytree_dataclass(data=("batch_offset", "head_offset", "q_offset", "kv_offset"),
+@pytree_dataclass(data=("batch_offset", "head_offset", "q_offset", "kv_offset", "head_ids"),
                   meta=("batch", "heads", "q_len", "kv_len"))
 class Shard:
     """Where a call's ``q``/``k``/``v`` sit inside a larger attention problem.
@@ -67,6 +67,10 @@ class Shard:
     exactly its part of the unsharded answer (same mask alignment, ALiBi distances, dropped
     weights). Mask and score-mod arrays (segment ids, slopes, tables) are global, not sliced.
     Offsets are int32 scalars and may be traced (e.g. from ``lax.axis_index``).
+
+    Heads that are not one contiguous run (MoA's span groups gather any subset of heads) are
+    given by ``head_ids``, int32 ``[local heads]``: local head ``h`` is global head
+    ``head_offset + head_ids[h]``; block maps are then taken for those heads only.
     """
 
     batch: int
@@ -77,14 +81,20 @@ class Shard:
     head_offset: Array
     q_offset: Array
     kv_offset: Array
+    head_ids: Array | None = None
 
     @classmethod
     def make(cls, *, batch: int, heads: int, q_len: int, kv_len: int,
-             batch_offset=0, head_offset=0, q_offset=0, kv_offset=0) -> "Shard":
-        """A shard of a problem with these global sizes, at these offsets (ints or int arrays)."""
+             batch_offset=0, head_offset=0, q_offset=0, kv_offset=0, head_ids=None) -> "Shard":
+        """A shard of a problem with these global sizes, at these offsets (ints or int arrays),
+        with these heads (``head_ids``, optional)."""
         i32 = lambda x: jnp.asarray(x, jnp.int32)
         return cls(batch, heads, q_len, kv_len, i32(batch_offset), i32(head_offset), i32(q_offset),
-                   i32(kv_offset))
+                   i32(kv_offset), None if head_ids is None else i32(head_ids))
+
+    def global_heads(self, h: Array) -> Array:
+        """Global head indices of local head indices ``h``."""
+        return self.head_offset + (h if self.head_ids is None else self.head_ids[h])
 
 
 @pytree_dataclass(data=("mask", "score_mod", "normalizer", "dropout", "shard"), meta=("dims", "scale"))
@@ -128,19 +138,20 @@ def tile_plan(problem: Problem, block_q: int, block_k: int) -> Int8[Array, "nq n
     """The tile classes of a problem, ``[ceil(T / block_q), ceil(S / block_k)]`` int8, reduced
     over batch and heads. A last key tile that sticks out of the keys is at most PARTIAL (its
     padding must be masked); padding the arrays to whole tiles is the caller's."""
-    d = problem.dims
+    d, sh = problem.dims, problem.shard
     s_pad = round_up(d.kv_len, block_k) - d.kv_len
     if problem.mask is None:
         nq, nk = -(-d.q_len // block_q), -(-d.kv_len // block_k)
         classes = jnp.full((1, 1, nq, nk), FULL, jnp.int8)
     else:
-        sh = problem.shard
         window = None if sh is None else (sh.q_offset, d.q_len, sh.kv_offset, d.kv_len)
         classes = problem.mask.block_map(*problem.lengths, block_q, block_k,
                                          batch=problem.global_batch, window=window)
+    if sh is not None and sh.head_ids is not None and classes.shape[1] > 1:
+        classes = classes[:, sh.global_heads(jnp.arange(d.heads))]  # this call's heads only
     classes = collapse(classes, pad_kv=s_pad > 0)
-    if problem.shard is not None:
-        classes = _outside_keys(classes, problem.shard, block_k, d.kv_len)
+    if sh is not None:
+        classes = _outside_keys(classes, sh, block_k, d.kv_len)
     return classes
 
 
@@ -226,7 +237,7 @@ def index_arrays(problem: Problem, q_idx: Array, kv_idx: Array, bh=None):
     q, kv = q_idx[None, None, :, None], kv_idx[None, None, None, :]
     sh = problem.shard
     if sh is not None:
-        b, h, q, kv = b + sh.batch_offset, h + sh.head_offset, q + sh.q_offset, kv + sh.kv_offset
+        b, h, q, kv = b + sh.batch_offset, sh.global_heads(h), q + sh.q_offset, kv + sh.kv_offset
     return b, h, q, kv
 
 

@@ -187,6 +187,26 @@ def test_moa_per_span_calls_match_reference():
     _vjp(ops.moa_attention, GQA.qkv(jax.random.key(11)), block_sizes=ops.BlockSizes(8, 8), **MOA)
 
 
+def test_moa_dropout_differs_per_head_as_in_the_reference():
+    """Heads in different span groups drop different weights: the per-span calls drop exactly the
+    reference's (dropout hashes the global head), values and gradients."""
+    kw = dict(MOA, dropout_rate=0.3, dropout_key=jax.random.key(5))
+    _vjp(ops.moa_attention, GQA.qkv(jax.random.key(11)), block_sizes=ops.BlockSizes(8, 8), **kw)
+
+
+def test_moa_group_calls_skip_their_own_tiles():
+    """A call holding heads 1 and 3 (``Shard.head_ids``) plans the tiles of those heads only."""
+    from attnjax import normalizers
+    from attnjax.core import tiling
+
+    T, m = 96, masks.moa(alpha=(8, 40, 8, 8), beta=(0.0,) * 4, sinks=0)
+    shard = ops.Shard.make(batch=1, heads=4, q_len=T, kv_len=T, head_ids=[0, 2])
+    problem = tiling.Problem(tiling.Dims(1, T, T, 2, 2, 8, 8), 1.0, m, None, normalizers.softmax(), shard=shard)
+    expected = masks.collapse(m.block_map(T, T, 16, 16)[:, jnp.array([0, 2])])
+    np.testing.assert_array_equal(np.asarray(tiling.tile_plan(problem, 16, 16)), np.asarray(expected))
+    assert (np.asarray(expected) != masks.EMPTY).sum() < (np.asarray(masks.collapse(m.block_map(T, T, 16, 16))) != masks.EMPTY).sum()
+
+
 def test_moa_mask_in_generic_attention():
     q, k, v = GQA.qkv(jax.random.key(12))
     mask = masks.moa(**MOA)

@@ -176,3 +176,6 @@ def _check_shard(shard, dims: Dims) -> None:
         if total < local:
             raise ValueError(f"shard.{name}={total} is the global size; it cannot be smaller than the "
                              f"local {name}={local} of q/k/v")
+    if shard.head_ids is not None and tuple(shard.head_ids.shape) != (dims.heads,):
+        raise ValueError(f"shard.head_ids has shape {tuple(shard.head_ids.shape)}; expected one global head "
+                         f"index per local head, [heads={dims.heads}]")
