@@ -225,8 +225,15 @@ def test_multi_token_layer_is_its_op_and_trains():
          ValueError, "heads, as in q"),
         (lambda: ops.multi_token_attention(*(jnp.ones((1, 5, 4, 4)),) * 3, head_mix=jnp.ones((3, 2, 2))),
          ValueError, "groups \\* c_h = heads = 4"),
+        (lambda: ops.damped_ema(jnp.ones((1, 5, 3)), jnp.full((3, 4), 1.5), *(jnp.full((3, 4), 0.5),) * 3),
+         ValueError, r"alpha must lie in the open interval \(0, 1\).*got \[1.5, 1.5, 1.5, 1.5\] at 12 of 12"),
+        (lambda: ops.damped_ema(jnp.ones((1, 5, 3)), jnp.full((3, 4), 0.5), jnp.zeros((3, 4)), *(jnp.ones((3, 4)),) * 2),
+         ValueError, r"delta must lie in the open interval \(0, 1\)"),
+        (lambda: ops.ema_kernel(jnp.full((3, 4), -0.1), *(jnp.full((3, 4), 0.5),) * 3, length=4),
+         ValueError, r"alpha must lie in the open interval"),
     ],
-    ids=["ema_channels", "ema_shapes", "mega_len", "sel_q", "sel_v", "mta_kernel", "mta_mix"],
+    ids=["ema_channels", "ema_shapes", "mega_len", "sel_q", "sel_v", "mta_kernel", "mta_mix", "ema_alpha",
+         "ema_delta", "ema_kernel_alpha"],
 )
 def test_validation(call, err, match):
     with pytest.raises(err, match=match):

@@ -265,6 +265,8 @@ def _bad(name):
         "int_q": (TypeError, "floating-point", lambda: ops.lightning_attention(q.astype(jnp.int32), k, v)),
         "decay_shape": (ValueError, "log_decay must be a scalar or have shape", lambda: call(log_decay=jnp.zeros(3))),
         "decay_positive": (ValueError, "log_decay must be <= 0", lambda: call(log_decay=jnp.array([0.0, 0.1, 0.0, 0.0]))),
+        "decay_nan": (ValueError, "log_decay must be <= 0", lambda: call(log_decay=jnp.array([0.0, jnp.nan, 0.0, 0.0]))),
+        "scale_nan": (ValueError, "scale must be a finite number", lambda: call(scale=float("nan"))),
         "state_shape": (ValueError, "initial_state has shape", lambda: call(initial_state=s0[:, :2])),
         "segments_shape": (ValueError, "segment_ids has shape", lambda: call(segment_ids=jnp.zeros((2, 9), jnp.int32))),
         "segments_dtype": (TypeError, "segment_ids must be an integer", lambda: call(segment_ids=jnp.zeros((2, 10)))),
@@ -276,7 +278,7 @@ def _bad(name):
 
 
 @pytest.mark.parametrize("name", ["q_rank", "k_len", "v_heads", "heads_divide", "dtype", "int_q", "decay_shape",
-                                  "decay_positive", "state_shape", "segments_shape", "segments_dtype",
+                                  "decay_positive", "decay_nan", "scale_nan", "state_shape", "segments_shape", "segments_dtype",
                                   "block_size", "implementation", "decode_len", "decode_state"])
 def test_bad_inputs(name):
     error, match, fn = _bad(name)

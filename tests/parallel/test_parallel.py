@@ -48,6 +48,18 @@ def test_rules_map_logical_axes_to_present_mesh_axes():
         parallel.as_rules({"seq": "context"})
     with pytest.raises(ValueError, match=r"needs 16 devices; there are 8"):
         parallel.make_mesh({"data": 4, "tensor": 4})
+    assert parallel.as_rules([["batch", ["data"]]])["batch"] == ("data",)  # lists, as from a config file
+
+
+@pytest.mark.parametrize("rules, match", [
+    ({"batch": 3}, r"rule for 'batch' must be a mesh axis name, a sequence of them, or None \(strings\); got 3"),
+    ({"heads": ("tensor", 2)}, r"rule for 'heads' must be a mesh axis name.*got \('tensor', 2\)"),
+    ({0: "data"}, r"a rule's logical axis must be a name \(a string"),
+    ([("batch", "data", "fsdp")], r"rules must map logical axis names to mesh axes; got entry"),
+])
+def test_rules_that_are_not_names_are_refused(rules, match):
+    with pytest.raises(TypeError, match=match):
+        parallel.as_rules(rules)
 
 
 # --------------------------------------------------------------------------------------------

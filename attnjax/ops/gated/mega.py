@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jaxtyping import Array, Float
 
@@ -51,6 +53,7 @@ def ema_kernel(
     >>> ema_kernel(0.5 * one, one, one, one, 3)  # 0.5 * 0.5^j
     Array([[0.5  , 0.25 , 0.125]], dtype=float32)
     """
+    check_ema_rates(alpha, delta)
     alpha, delta, beta, eta = (jnp.asarray(x, jnp.float32) for x in (alpha, delta, beta, eta))
     log_q = jnp.log1p(-alpha * delta)[..., None]  # [C, N, 1]
     # Writing j = R m + r, q^j = q^(R m) q^r turns the C N T powers (exp is the costly part) into
@@ -106,6 +109,7 @@ def damped_ema(
         shape = s
     if T == 0:
         raise ValueError(f"x must have at least one position; got shape {x.shape}")
+    check_ema_rates(alpha, delta)
     f32 = lambda a: jnp.asarray(a, jnp.float32)
     params = tuple(map(f32, (alpha, delta, beta, eta)))
 
@@ -115,6 +119,20 @@ def damped_ema(
     }
     # On CPU the sequential scan beats the FFT (0.38x at T=4K, 0.31x at 16K: docs/variants.md).
     return dispatch.run("damped_ema", impls, implementation, cpu_order=("reference", "xla")).astype(x.dtype)
+
+
+def check_ema_rates(alpha, delta) -> None:
+    """``alpha`` and ``delta`` must lie in ``(0, 1)`` (checked when concrete; Mega keeps them as
+    ``sigmoid`` of parameters): outside it the damping ``1 - alpha delta`` leaves ``(0, 1)``, so
+    the EMA grows instead of decaying, and the FFT kernel's ``log(1 - alpha delta)`` is NaN."""
+    for name, x in (("alpha", alpha), ("delta", delta)):
+        if isinstance(x, jax.core.Tracer):
+            continue
+        values = np.asarray(x, np.float32)
+        bad = ~((values > 0) & (values < 1))
+        if bad.any():
+            raise ValueError(f"{name} must lie in the open interval (0, 1) (e.g. sigmoid of a parameter); "
+                             f"got {values[bad].ravel()[:4].tolist()} at {int(bad.sum())} of {values.size} entries")
 
 
 def _ema_recurrence(x, alpha, delta, beta, eta):
