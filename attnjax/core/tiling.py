@@ -177,6 +177,20 @@ def visit(count, tile_of, is_full, body, init):
     return lax.fori_loop(0, count, step, init)
 
 
+def visit_all(n: int, count, tile_of, is_full, body, init):
+    """:func:`visit` as a ``lax.scan`` over a static ``n >= count`` steps, the steps past
+    ``count`` skipped by ``lax.cond``: reverse-differentiable (``fori_loop`` with a traced trip
+    count is a ``while_loop``, which is not), at the price of ``n - count`` empty steps and, when
+    differentiated, of keeping every visited tile's intermediates."""
+
+    def step(carry, j):
+        t = tile_of(j)
+        run = lambda c: lax.cond(is_full(t), functools.partial(body, t, False), functools.partial(body, t, True), c)
+        return lax.cond(j < count, run, lambda c: c, carry), None
+
+    return lax.scan(step, init, jnp.arange(n))[0]
+
+
 def compact(classes: Array):
     """Per row of ``classes``: ``order`` lists the non-empty columns first, in increasing order
     (then the rest), and ``counts`` says how many there are."""
@@ -284,7 +298,7 @@ def finite_or_zero(x: Array) -> tuple[Array, Array]:
 
     The two halves of confining a non-finite input to the entries the mask allows (see
     :func:`guard`): the clean ``x`` goes into products, where a masked entry's weight 0 times a
-    finite number is 0 (``0 * NaN`` would be NaN), and the poison is added to the logits, where
+    finite number is 0 (``0 * NaN`` would be NaN), and the poison goes into the logits, where
     the mask then removes it from masked entries and keeps it (NaN) in allowed ones."""
     ok = jnp.isfinite(x)
     clean = jnp.where(ok, x, jnp.zeros((), x.dtype))
@@ -292,23 +306,41 @@ def finite_or_zero(x: Array) -> tuple[Array, Array]:
 
 
 def guard(q: Float[Array, "B t H D"], k: Float[Array, "B s K D"], v: Float[Array, "B s K E"]):
-    """Non-finite inputs for a tile with masked entries (a PARTIAL tile, or the dense reference):
-    returns ``(q, k, v, poison)`` with non-finite entries of ``q``, ``k``, ``v`` zeroed and
-    ``poison`` ``[B, H, t, s]`` (broadcast shape), NaN wherever query row ``t`` or key/value row
-    ``s`` held a non-finite entry, else 0. Add it to the tile's logits *after* the score mod (which
-    so sees, and differentiates at, finite scores only) and *before* masking.
+    """Non-finite inputs of a tile with masked entries, for code differentiated by autodiff (the
+    dense references, neighborhood attention's xla path): returns ``(q, k, v, poison)`` with
+    non-finite entries of ``q``, ``k``, ``v`` zeroed and ``poison`` ``[B, H, t, s]`` (broadcast
+    shape), NaN wherever query row ``t`` or key/value row ``s`` held a non-finite entry, else 0.
+    Add it to the logits *after* the score mod (which so sees, and is differentiated at, finite
+    scores only) and *before* masking.
 
     Then a masked entry contributes exactly nothing, forward or backward, whatever its query, key
     or value holds (``0 * NaN`` never happens), while an allowed entry with a non-finite input gets
     a NaN logit, so the query that attends it still gets NaN (garbage in, garbage out, visible).
-    FULL tiles have no masked entry and skip this: their cost does not change."""
-    G = q.shape[2] // k.shape[2]
+    Blockwise paths with a hand-written backward need less (:func:`poison_keys`)."""
     q, pq = finite_or_zero(q)  # [B, t, H]
     k, pk = finite_or_zero(k)  # [B, s, K]
     v, pv = finite_or_zero(v)
-    pkv = pk + pv
-    pkv = jnp.repeat(pkv, G, axis=2) if G > 1 else pkv  # [B, s, H]
+    G = q.shape[2] // k.shape[2]
+    pkv = jnp.repeat(pk + pv, G, axis=2) if G > 1 else pk + pv  # [B, s, H]
     return q, k, v, pq.transpose(0, 2, 1)[..., :, None] + pkv.transpose(0, 2, 1)[..., None, :]
+
+
+def poison_keys(k: Float[Array, "... s D"], v: Float[Array, "... s E"]):
+    """The keys and values a PARTIAL tile's *forward* uses in a blockwise path with a hand-written
+    backward (xla, the Pallas kernels): ``k`` with every row made NaN whose key or value is not
+    finite, and ``v`` with non-finite entries zeroed (any layout whose last axis is the feature).
+
+    The NaN key makes the logit of every entry of that key NaN: masking removes it from masked
+    entries (``where``, exact) and keeps it in allowed ones, so their rows get NaN (visible); the
+    zeroed value keeps ``p @ v`` free of ``0 * NaN`` in masked entries. A NaN query needs nothing:
+    its own row is the only one it touches. The tile's *backward* takes all three inputs through
+    :func:`finite_or_zero` instead (it recomputes logits and differentiates the score mod, which
+    must see finite scores), and :func:`tile_backward` keeps masked entries exactly zero; the poison
+    reaches the attending rows through their log-sum-exp (NaN) instead. FULL tiles have nothing
+    masked and use neither: their cost does not change."""
+    k, pk = finite_or_zero(k)
+    v, pv = finite_or_zero(v)
+    return k + (pk + pv)[..., None].astype(k.dtype), v
 
 
 def dropout_scale(problem: Problem, q_idx: Array, kv_idx: Array, bh=None) -> Array | None:
@@ -386,13 +418,12 @@ def tile_backward(normalizer: Normalizer, kv_len: int, s, ok, lse, delta, dp, zs
     """
     dp = _dropped(dp, zs)
     if normalizer.row_normalized:
-        p = jnp.exp(masked_logits(s, ok, -jnp.inf) - lse)
-        ds = p * (dp - delta)
-        if ok is not None:
-            # A masked entry's p is exp(-inf - lse) = 0, unless its row attends a non-finite input
-            # elsewhere (lse NaN); and its dp is NaN if its value is. Either way it must give
-            # exactly 0, so that dk, dv of keys the row cannot see stay clean.
-            p, ds = jnp.where(ok, p, 0.0), jnp.where(ok, ds, 0.0)
+        # Masked entries get p = exp(-inf) = 0 exactly, also in a row whose lse is NaN (it attends
+        # a non-finite input elsewhere; exp(-inf - NaN) would be NaN), and such a row's delta
+        # (NaN) is replaced by 0, so masked entries have ds = 0 * finite: dk, dv of keys a row
+        # cannot see stay clean. Its allowed entries keep p = NaN.
+        p = jnp.exp(s - lse if ok is None else jnp.where(ok, s - lse, -jnp.inf))
+        ds = p * (dp - jnp.where(jnp.isfinite(delta), delta, 0.0))
         zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), normalizer)
         return _dropped(p, zs), ds, zeros
     p, w_vjp = jax.vjp(lambda s_, n_: n_.weights(kv_len, s_), masked_logits(s, ok, 0.0), normalizer)
