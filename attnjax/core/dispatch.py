@@ -7,9 +7,8 @@ and the next one is tried; ``None`` means the platform's preferred order.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-
 import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 

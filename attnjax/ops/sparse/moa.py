@@ -28,8 +28,8 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from attnjax import _checks, masks
-from attnjax.core.tiling import Shard
 from attnjax.core.dispatch import Implementation
+from attnjax.core.tiling import Shard
 from attnjax.ops.attention.api import attention
 
 
