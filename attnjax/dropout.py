@@ -18,6 +18,7 @@ For softmax the row sum is taken *before* dropout (as in standard attention drop
 
 from __future__ import annotations
 
+import numbers
 from typing import ClassVar
 
 import jax
@@ -39,6 +40,17 @@ def _mix(x: Array) -> Array:
     return x ^ (x >> 16)
 
 
+def check_rate(rate) -> float:
+    """``rate`` as a float in ``[0, 1)``; it is static (it decides whether and how dropout runs):
+    a value traced under ``jit`` is refused with the way out."""
+    if isinstance(rate, jax.core.Tracer):
+        raise TypeError("dropout_rate must be a Python number, static under jit (pass it through "
+                        "jax.jit's static_argnames, or close over it); got a traced value")
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout_rate must be a Python number in [0, 1); got {rate!r}")
+    return float(rate)
+
+
 @pytree_dataclass(data=("seed",), meta=("rate",))
 class Dropout:
     rate: float
@@ -48,8 +60,7 @@ class Dropout:
 
     @classmethod
     def make(cls, rate: float, key) -> "Dropout":
-        if not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
-            raise ValueError(f"dropout_rate must be a Python number in [0, 1); got {rate!r}")
+        rate = check_rate(rate)
         if key is None:
             raise ValueError("dropout_rate > 0 needs dropout_key (a jax.random key)")
         if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):

@@ -24,6 +24,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array
 
 from attnjax.core.pytree import pytree_dataclass
@@ -100,8 +101,16 @@ def softmax() -> Normalizer:
 
 
 def sigmoid(bias: float | Array | None = None) -> Normalizer:
-    """Sigmoid normalizer; ``bias`` defaults to ``-log(S)`` with ``S`` the key length."""
-    return Sigmoid(None if bias is None else jnp.asarray(bias, jnp.float32))
+    """Sigmoid normalizer; ``bias`` defaults to ``-log(S)`` with ``S`` the key length.
+
+    A concrete ``bias`` must be a finite scalar (a traced one, e.g. learned, is not checked)."""
+    if bias is None:
+        return Sigmoid(None)
+    if jnp.ndim(bias) != 0:
+        raise ValueError(f"sigmoid_bias must be a scalar; got shape {jnp.shape(bias)}")
+    if not isinstance(bias, jax.core.Tracer) and not np.isfinite(np.asarray(bias, np.float32)):
+        raise ValueError(f"sigmoid_bias must be finite; got {bias!r}")
+    return Sigmoid(jnp.asarray(bias, jnp.float32))
 
 
 def relu() -> Normalizer:

@@ -37,10 +37,15 @@ def rel_err(x, ref) -> float:
     return float(np.abs(x - ref).max() / scale) if scale > 0 else float(np.abs(x).max())
 
 
-def rel_rmse(x, ref) -> float:
-    """``||x - ref|| / ||ref||`` (the fla convention, for differing accumulation orders)."""
+def rel_rmse(x, ref, floor: float = 0.0) -> float:
+    """``||x - ref|| / ||ref||`` (the fla convention, for differing accumulation orders).
+
+    ``floor`` is an absolute RMS scale below which ``ref`` counts as zero: where a quantity is
+    analytically zero its computed value is rounding noise, and noise over noise means nothing,
+    so the error is taken relative to ``max(rms(ref), floor)`` (the scale the quantity has when
+    it is not zero)."""
     x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    norm = np.linalg.norm(ref)
+    norm = max(np.linalg.norm(ref), floor * np.sqrt(ref.size))
     return float(np.linalg.norm(x - ref) / norm) if norm > 0 else float(np.linalg.norm(x))
 
 

@@ -7,7 +7,10 @@ and the next one is tried; ``None`` means the platform's preferred order.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
+
+import jax
 
 from attnjax.core import platform
 
@@ -53,3 +56,37 @@ def run(op: str, impls: Mapping[str, Callable[[], object]], implementation, cpu_
         except NotImplementedError as e:
             reasons.append(f"{name}: {e}")
     raise NotImplementedError(f"no implementation of {op} could serve this call ({'; '.join(reasons)})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Autodiff:
+    """How the arguments of a call are being differentiated (see :func:`autodiff`)."""
+
+    forward: bool  # some forward-mode transformation (jax.jvp, jax.jacfwd, jax.hessian)
+    reverse_order: int  # nested reverse-mode transformations (jax.grad of jax.grad: 2)
+
+
+def autodiff(*trees) -> Autodiff:
+    """Which autodiff transformations trace the arrays of ``trees``, so that an implementation
+    built on ``jax.custom_vjp`` can decline (``NotImplementedError``, and dispatch tries the next
+    one) what its custom rule cannot serve instead of failing later inside JAX: forward mode, or
+    reverse mode of an order its backward is not differentiable to.
+
+    JAX has no public way to ask; this walks the tracers' ``primal`` chain (``JVPTracer`` is forward
+    mode, ``LinearizeTracer`` reverse mode since JAX's direct linearization). Best effort: a
+    transformation applied outside a ``jit`` that contains the call is not seen (JAX then raises
+    its own error), and on a JAX without these classes nothing is detected."""
+    try:
+        from jax._src.interpreters import ad
+    except ImportError:  # pragma: no cover - a JAX without the module: detect nothing
+        return Autodiff(False, 0)
+    jvp, linearize = getattr(ad, "JVPTracer", ()), getattr(ad, "LinearizeTracer", ())
+    forward, order = False, 0
+    for x in jax.tree.leaves(trees):
+        depth = 0
+        while isinstance(x, jax.core.Tracer):
+            forward |= bool(jvp) and isinstance(x, jvp)
+            depth += bool(linearize) and isinstance(x, linearize)
+            x = getattr(x, "primal", getattr(x, "val", None))
+        order = max(order, depth)
+    return Autodiff(forward, order)

@@ -99,7 +99,7 @@ class Dims:
         return self.heads // self.kv_heads
 
 
-@pytree_dataclass(data=("batch_offset", "head_offset", "q_offset", "kv_offset"),
+@pytree_dataclass(data=("batch_offset", "head_offset", "q_offset", "kv_offset", "head_ids"),
                   meta=("batch", "heads", "q_len", "kv_len"))
 class Shard:
     """Where a call's ``q``/``k``/``v`` sit inside a larger attention problem.
@@ -111,6 +111,10 @@ class Shard:
     exactly its part of the unsharded answer (same mask alignment, ALiBi distances, dropped
     weights). Mask and score-mod arrays (segment ids, slopes, tables) are global, not sliced.
     Offsets are int32 scalars and may be traced (e.g. from ``lax.axis_index``).
+
+    Heads that are not one contiguous run (MoA's span groups gather any subset of heads) are
+    given by ``head_ids``, int32 ``[local heads]``: local head ``h`` is global head
+    ``head_offset + head_ids[h]``; block maps are then taken for those heads only.
     """
 
     batch: int
@@ -121,14 +125,20 @@ class Shard:
     head_offset: Array
     q_offset: Array
     kv_offset: Array
+    head_ids: Array | None = None
 
     @classmethod
     def make(cls, *, batch: int, heads: int, q_len: int, kv_len: int,
-             batch_offset=0, head_offset=0, q_offset=0, kv_offset=0) -> "Shard":
-        """A shard of a problem with these global sizes, at these offsets (ints or int arrays)."""
+             batch_offset=0, head_offset=0, q_offset=0, kv_offset=0, head_ids=None) -> "Shard":
+        """A shard of a problem with these global sizes, at these offsets (ints or int arrays),
+        with these heads (``head_ids``, optional)."""
         i32 = lambda x: jnp.asarray(x, jnp.int32)
         return cls(batch, heads, q_len, kv_len, i32(batch_offset), i32(head_offset), i32(q_offset),
-                   i32(kv_offset))
+                   i32(kv_offset), None if head_ids is None else i32(head_ids))
+
+    def global_heads(self, h: Array) -> Array:
+        """Global head indices of local head indices ``h``."""
+        return self.head_offset + (h if self.head_ids is None else self.head_ids[h])
 
 
 @pytree_dataclass(data=("mask", "score_mod", "normalizer", "dropout", "shard"), meta=("dims", "scale"))
@@ -172,19 +182,20 @@ def tile_plan(problem: Problem, block_q: int, block_k: int) -> Int8[Array, "nq n
     """The tile classes of a problem, ``[ceil(T / block_q), ceil(S / block_k)]`` int8, reduced
     over batch and heads. A last key tile that sticks out of the keys is at most PARTIAL (its
     padding must be masked); padding the arrays to whole tiles is the caller's."""
-    d = problem.dims
+    d, sh = problem.dims, problem.shard
     s_pad = round_up(d.kv_len, block_k) - d.kv_len
     if problem.mask is None:
         nq, nk = -(-d.q_len // block_q), -(-d.kv_len // block_k)
         classes = jnp.full((1, 1, nq, nk), FULL, jnp.int8)
     else:
-        sh = problem.shard
         window = None if sh is None else (sh.q_offset, d.q_len, sh.kv_offset, d.kv_len)
         classes = problem.mask.block_map(*problem.lengths, block_q, block_k,
                                          batch=problem.global_batch, window=window)
+    if sh is not None and sh.head_ids is not None and classes.shape[1] > 1:
+        classes = classes[:, sh.global_heads(jnp.arange(d.heads))]  # this call's heads only
     classes = collapse(classes, pad_kv=s_pad > 0)
-    if problem.shard is not None:
-        classes = _outside_keys(classes, problem.shard, block_k, d.kv_len)
+    if sh is not None:
+        classes = _outside_keys(classes, sh, block_k, d.kv_len)
     return classes
 
 
@@ -208,6 +219,20 @@ def visit(count, tile_of, is_full, body, init):
         return lax.cond(is_full(t), functools.partial(body, t, False), functools.partial(body, t, True), carry)
 
     return lax.fori_loop(0, count, step, init)
+
+
+def visit_all(n: int, count, tile_of, is_full, body, init):
+    """:func:`visit` as a ``lax.scan`` over a static ``n >= count`` steps, the steps past
+    ``count`` skipped by ``lax.cond``: reverse-differentiable (``fori_loop`` with a traced trip
+    count is a ``while_loop``, which is not), at the price of ``n - count`` empty steps and, when
+    differentiated, of keeping every visited tile's intermediates."""
+
+    def step(carry, j):
+        t = tile_of(j)
+        run = lambda c: lax.cond(is_full(t), functools.partial(body, t, False), functools.partial(body, t, True), c)
+        return lax.cond(j < count, run, lambda c: c, carry), None
+
+    return lax.scan(step, init, jnp.arange(n))[0]
 
 
 def compact(classes: Array):
@@ -270,7 +295,7 @@ def index_arrays(problem: Problem, q_idx: Array, kv_idx: Array, bh=None):
     q, kv = q_idx[None, None, :, None], kv_idx[None, None, None, :]
     sh = problem.shard
     if sh is not None:
-        b, h, q, kv = b + sh.batch_offset, h + sh.head_offset, q + sh.q_offset, kv + sh.kv_offset
+        b, h, q, kv = b + sh.batch_offset, sh.global_heads(h), q + sh.q_offset, kv + sh.kv_offset
     return b, h, q, kv
 
 
@@ -309,6 +334,57 @@ def allowed(problem: Problem, q_idx: Array, kv_idx: Array, bh=None) -> Array:
     if problem.mask is None:
         return valid
     return valid & problem.mask.predicate(*problem.lengths, *indices)
+
+
+def finite_or_zero(x: Array) -> tuple[Array, Array]:
+    """``(x with its non-finite entries zeroed, poison)``, ``poison`` float32 of shape
+    ``x.shape[:-1]``: 0 where the row ``x[..., :]`` is finite, NaN where it is not.
+
+    The two halves of confining a non-finite input to the entries the mask allows (see
+    :func:`guard`): the clean ``x`` goes into products, where a masked entry's weight 0 times a
+    finite number is 0 (``0 * NaN`` would be NaN), and the poison goes into the logits, where
+    the mask then removes it from masked entries and keeps it (NaN) in allowed ones."""
+    ok = jnp.isfinite(x)
+    clean = jnp.where(ok, x, jnp.zeros((), x.dtype))
+    return clean, jnp.where(ok.all(-1), 0.0, jnp.nan).astype(jnp.float32)
+
+
+def guard(q: Float[Array, "B t H D"], k: Float[Array, "B s K D"], v: Float[Array, "B s K E"]):
+    """Non-finite inputs of a tile with masked entries, for code differentiated by autodiff (the
+    dense references, neighborhood attention's xla path): returns ``(q, k, v, poison)`` with
+    non-finite entries of ``q``, ``k``, ``v`` zeroed and ``poison`` ``[B, H, t, s]`` (broadcast
+    shape), NaN wherever query row ``t`` or key/value row ``s`` held a non-finite entry, else 0.
+    Add it to the logits *after* the score mod (which so sees, and is differentiated at, finite
+    scores only) and *before* masking.
+
+    Then a masked entry contributes exactly nothing, forward or backward, whatever its query, key
+    or value holds (``0 * NaN`` never happens), while an allowed entry with a non-finite input gets
+    a NaN logit, so the query that attends it still gets NaN (garbage in, garbage out, visible).
+    Blockwise paths with a hand-written backward need less (:func:`poison_keys`)."""
+    q, pq = finite_or_zero(q)  # [B, t, H]
+    k, pk = finite_or_zero(k)  # [B, s, K]
+    v, pv = finite_or_zero(v)
+    G = q.shape[2] // k.shape[2]
+    pkv = jnp.repeat(pk + pv, G, axis=2) if G > 1 else pk + pv  # [B, s, H]
+    return q, k, v, pq.transpose(0, 2, 1)[..., :, None] + pkv.transpose(0, 2, 1)[..., None, :]
+
+
+def poison_keys(k: Float[Array, "... s D"], v: Float[Array, "... s E"]):
+    """The keys and values a PARTIAL tile's *forward* uses in a blockwise path with a hand-written
+    backward (xla, the Pallas kernels): ``k`` with every row made NaN whose key or value is not
+    finite, and ``v`` with non-finite entries zeroed (any layout whose last axis is the feature).
+
+    The NaN key makes the logit of every entry of that key NaN: masking removes it from masked
+    entries (``where``, exact) and keeps it in allowed ones, so their rows get NaN (visible); the
+    zeroed value keeps ``p @ v`` free of ``0 * NaN`` in masked entries. A NaN query needs nothing:
+    its own row is the only one it touches. The tile's *backward* takes all three inputs through
+    :func:`finite_or_zero` instead (it recomputes logits and differentiates the score mod, which
+    must see finite scores), and :func:`tile_backward` keeps masked entries exactly zero; the poison
+    reaches the attending rows through their log-sum-exp (NaN) instead. FULL tiles have nothing
+    masked and use neither: their cost does not change."""
+    k, pk = finite_or_zero(k)
+    v, pv = finite_or_zero(v)
+    return k + (pk + pv)[..., None].astype(k.dtype), v
 
 
 def dropout_scale(problem: Problem, q_idx: Array, kv_idx: Array, bh=None) -> Array | None:
@@ -386,9 +462,14 @@ def tile_backward(normalizer: Normalizer, kv_len: int, s, ok, lse, delta, dp, zs
     """
     dp = _dropped(dp, zs)
     if normalizer.row_normalized:
-        p = jnp.exp(masked_logits(s, ok, -jnp.inf) - lse)
+        # Masked entries get p = exp(-inf) = 0 exactly, also in a row whose lse is NaN (it attends
+        # a non-finite input elsewhere; exp(-inf - NaN) would be NaN), and such a row's delta
+        # (NaN) is replaced by 0, so masked entries have ds = 0 * finite: dk, dv of keys a row
+        # cannot see stay clean. Its allowed entries keep p = NaN.
+        p = jnp.exp(s - lse if ok is None else jnp.where(ok, s - lse, -jnp.inf))
+        ds = p * (dp - jnp.where(jnp.isfinite(delta), delta, 0.0))
         zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), normalizer)
-        return _dropped(p, zs), p * (dp - delta), zeros
+        return _dropped(p, zs), ds, zeros
     p, w_vjp = jax.vjp(lambda s_, n_: n_.weights(kv_len, s_), masked_logits(s, ok, 0.0), normalizer)
     if ok is not None:
         p, dp = jnp.where(ok, p, 0.0), jnp.where(ok, dp, 0.0)

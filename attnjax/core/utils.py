@@ -4,6 +4,7 @@ the matmul precision for an input dtype."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax.numpy as jnp
 from jax import lax
@@ -23,13 +24,16 @@ def default_scale(head_dim: int, scale: float | None = None) -> float:
     """The logit scale: ``scale`` if given (a Python number), else ``1 / sqrt(head_dim)``.
 
     A traced or array scale is refused: the scale is static in every implementation (a learned
-    temperature is a score mod, :func:`attnjax.score_mods.temperature`)."""
+    temperature is a score mod, :func:`attnjax.score_mods.temperature`). So is a NaN or infinite
+    one, which would turn every logit into NaN (``inf * 0``) far from where it was passed."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(
             f"scale must be a Python number (use score_mods.temperature for a learned one); got {scale!r}"
         )
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number; got {scale!r}")
     return float(scale)
 
 

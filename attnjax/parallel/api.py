@@ -13,7 +13,9 @@ op                                          sequence sharded with
 ``lightning_attention``                     recurrent-state passing
 ``linear_attention``                        summaries ``psum`` (non-causal) or state passing
 ``neighborhood_attention``                  halo exchange along the first spatial axis
-any other op                                batch sharding only
+any other op                                batch sharding only (an op taking ``shard=``, e.g.
+                                            ``moa_attention``, ``hyper_attention``, is told its
+                                            batch offset, so its randomness is the unsharded one)
 ==========================================  ==================================================
 
 Masks, score mods and dropout see global batch, head and sequence positions, so the sharded
@@ -23,6 +25,7 @@ result equals the unsharded one. Mask and score-mod arrays are replicated.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -184,4 +187,9 @@ def _local(kind, op, q, k, v, kw, seq_axis, context, layout, batch_shard, head_s
         return lightning_context_parallel(q, k, v, axis_name=seq_axis, **kw)
     if kind == "linear" and seq_axis is not None:
         return linear_context_parallel(q, k, v, axis_name=seq_axis, **kw)
+    if kind == "other" and "shard" in inspect.signature(op).parameters:
+        # Ops with randomness (dropout, HyperAttention's sample) draw it from global indices.
+        (gb, b0), (gh, h0) = batch_shard, head_shard
+        kw = {**kw, "shard": Shard.make(batch=gb, heads=gh, q_len=q.shape[1], kv_len=k.shape[1],
+                                        batch_offset=b0, head_offset=h0)}
     return op(q, k, v, **kw)

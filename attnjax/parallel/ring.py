@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from attnjax import _checks
-from attnjax.dropout import Dropout
+from attnjax.dropout import Dropout, check_rate
 from attnjax.masks import Mask
 from attnjax.normalizers import as_normalizer
 from attnjax.core import tiling
@@ -139,7 +139,7 @@ def ring_attention(
     if return_lse and not norm.row_normalized:
         raise ValueError("return_lse needs a row-normalized normalizer (softmax)")
     dropout = None
-    if dropout_rate != 0.0 or dropout_key is not None:
+    if check_rate(dropout_rate) != 0.0 or dropout_key is not None:
         dropout = Dropout.make(dropout_rate, dropout_key)
     impl = tuple(implementation) if isinstance(implementation, (list, tuple)) else implementation
     cfg = _Config(axis_name, P, layout, gb, gh, t * P, s * P, scale, float(dropout_rate), impl, block_sizes)

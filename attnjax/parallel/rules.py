@@ -39,15 +39,18 @@ def as_rules(rules: Rules | None) -> dict[str, tuple[str, ...]]:
     items = rules.items() if isinstance(rules, Mapping) else rules
     out = {name: () for name in LOGICAL_AXES}
     for item in items:
-        if not (isinstance(item, tuple) and len(item) == 2):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
             raise TypeError(f"rules must map logical axis names to mesh axes; got entry {item!r}")
         name, axes = item
+        if not isinstance(name, str):
+            raise TypeError(f"a rule's logical axis must be a name (a string, one of {LOGICAL_AXES}); got {name!r}")
         if name not in out:
             raise ValueError(f"unknown logical axis {name!r}; expected one of {LOGICAL_AXES}")
-        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        if not all(isinstance(a, str) for a in axes):
-            raise TypeError(f"rule for {name!r} must name mesh axes (strings); got {axes!r}")
-        out[name] = axes
+        mesh = () if axes is None else (axes,) if isinstance(axes, str) else axes
+        if not isinstance(mesh, (tuple, list)) or not all(isinstance(a, str) for a in mesh):
+            raise TypeError(f"rule for {name!r} must be a mesh axis name, a sequence of them, or None "
+                            f"(strings); got {axes!r}")
+        out[name] = tuple(mesh)
     return out
 
 

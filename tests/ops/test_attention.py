@@ -12,7 +12,7 @@ import pytest
 from attnjax import masks, ops, score_mods
 from tests import harness
 from tests.harness import Shape
-from tests.suites import AWKWARD, AttentionSuite
+from tests.suites import AWKWARD, AttentionSuite, check_poison_causal, check_poison_padding
 
 
 class TestXla(AttentionSuite):
@@ -136,3 +136,52 @@ class JitVariantsTest(chex.TestCase):
                                                         block_sizes=ops.BlockSizes(8, 16)))
         ref = ops.attention(q, k, v, mask=mask, implementation="reference")
         harness.assert_close(op(q, k, v), ref, harness.tolerance(jnp.float32), "xla vs reference")
+
+
+@pytest.mark.parametrize("normalizer", ["softmax", "sigmoid"])
+def test_reference_confines_poison(normalizer):
+    """The dense reference keeps non-finite keys/values away from queries masked from them."""
+    ref = lambda q, k, v, **kw: ops.attention(q, k, v, implementation="reference", **kw)
+    check_poison_causal(ref, normalizer)
+    if normalizer == "softmax":
+        check_poison_padding(ref)
+
+
+# -- higher-order autodiff ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("normalizer", ["softmax", pytest.param("sigmoid", marks=pytest.mark.slow)])
+def test_grad_of_grad_matches_reference(normalizer):
+    """Reverse over reverse on the xla path (its custom backward is itself differentiable), with
+    a learnable score-mod parameter, against the reference's plain autodiff."""
+    s = Shape(B=1, T=20, S=20, H=2, K=1, D=8, E=8)
+    q, k, v = s.qkv(jax.random.key(0))
+    mask = masks.causal() & masks.document(jnp.array([[0] * 12 + [1] * 8]))
+
+    def hessian_vector(impl):
+        def loss(q, k, v, slopes):
+            out = ops.attention(q, k, v, mask=mask, normalizer=normalizer, score_mod=score_mods.alibi(slopes),
+                                implementation=impl, block_sizes=ops.BlockSizes(8, 8))
+            return jnp.sum(jnp.sin(out) ** 2)
+
+        def grad_norm(q, k, v, slopes):
+            return sum(jnp.sum(g**2) for g in jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, slopes))
+
+        return jax.jit(jax.grad(grad_norm, argnums=(0, 1, 2, 3)))
+
+    args = (q, k, v, score_mods.alibi_slopes(2))
+    for got, want, name in zip(hessian_vector("xla")(*args), hessian_vector("reference")(*args), "qkva"):
+        harness.assert_close(got, want, 1e-4, f"d/d{name} |grad|^2")
+
+
+def test_forward_mode_names_the_implementation_that_serves_it():
+    """jax.jvp: the xla path declines with a message naming the reference, so the default
+    implementation falls back to it and gives the reference's tangent."""
+    q, k, v = Shape(B=1, T=12, S=12, H=2, K=2, D=8, E=8).qkv(jax.random.key(0))
+    f = lambda impl: lambda q: ops.attention(q, k, v, mask=masks.causal(), implementation=impl)
+    with pytest.raises(NotImplementedError, match=r"xla: forward-mode autodiff .* implementation='reference' supports it"):
+        jax.jit(lambda q: jax.jvp(f("xla"), (q,), (q,)))(q)
+    got = jax.jit(lambda q: jax.jvp(f(None), (q,), (q,)))(q)
+    want = jax.jvp(f("reference"), (q,), (q,))
+    for x, y in zip(got, want):
+        harness.assert_close(x, y, 2e-5, "jvp")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -42,6 +43,12 @@ CASES = [
     ("sigmoid-bias-with-softmax", {}, dict(sigmoid_bias=-1.0), ValueError, r"sigmoid_bias is only used with normalizer='sigmoid'"),
     ("lse-with-sigmoid", {}, dict(normalizer="sigmoid", return_lse=True), ValueError, r"return_lse needs a row-normalized normalizer"),
     ("scale-array", {}, dict(scale=jnp.float32(0.1)), TypeError, r"scale must be a Python number"),
+    ("scale-nan", {}, dict(scale=float("nan")), ValueError, r"scale must be a finite number; got nan"),
+    ("scale-inf", {}, dict(scale=float("inf")), ValueError, r"scale must be a finite number; got inf"),
+    ("sigmoid-bias-nan", {}, dict(normalizer="sigmoid", sigmoid_bias=float("nan")), ValueError, r"sigmoid_bias must be finite"),
+    ("score-mod-shape", {}, dict(score_mod=lambda s, b, h, q, kv: s[..., 0]), ValueError,
+     r"score_mod must return float scores of the shape it is given; given float32\[2, 4, 2, 3\].*returned float32\[2, 4, 2\]"),
+    ("score-mod-dtype", {}, dict(score_mod=lambda s, b, h, q, kv: s > 0), ValueError, r"score_mod must return float scores.*returned bool"),
     ("implementation-name", {}, dict(implementation="cuda"), ValueError, r"implementation must be None, one of"),
     ("block-sizes-type", {}, dict(block_sizes=(16, 16)), TypeError, r"block_sizes must be an attnjax.ops.BlockSizes"),
 ]
@@ -68,3 +75,12 @@ def test_bad_input(arrays, kwargs, error, match):
 def test_bad_construction(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_traced_dropout_rate_is_refused_clearly():
+    """A dropout rate traced under jit gets a TypeError with the way out, not a
+    TracerBoolConversionError from inside the op."""
+    q, k, v = qkv()
+    f = jax.jit(lambda q, rate: ops.attention(q, k, v, dropout_rate=rate, dropout_key=jax.random.key(0)))
+    with pytest.raises(TypeError, match=r"dropout_rate must be a Python number, static under jit .*static_argnames"):
+        f(q, 0.1)

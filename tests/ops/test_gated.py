@@ -49,6 +49,15 @@ def test_ema_kernel_is_the_impulse_response():
     np.testing.assert_allclose(ops.ema_kernel(a, d, b, e, 9), np.stack(ys, -1), rtol=1e-5, atol=1e-7)
 
 
+def test_ema_without_memory_at_the_edge_of_the_range():
+    """alpha = delta = 1 (damping 1 - alpha delta = 0: each step forgets the past) is in range; the
+    FFT kernel's q^0 is 1 there (it was log(0) * 0 = NaN)."""
+    x, a, d, b, e = _ema_args(T=9)
+    a, d = a.at[0].set(1.0), d.at[0].set(1.0)
+    fast, ref = (ops.damped_ema(x, a, d, b, e, implementation=impl) for impl in ("xla", "reference"))
+    harness.assert_close(fast, ref, 1e-5, "alpha = delta = 1")
+
+
 def _mega(chunk, impl):
     return lambda q, k, v: ops.mega_attention(q, k, v, chunk_size=chunk, implementation=impl,
                                               block_sizes=ops.BlockSizes(16, 16))
@@ -225,8 +234,15 @@ def test_multi_token_layer_is_its_op_and_trains():
          ValueError, "heads, as in q"),
         (lambda: ops.multi_token_attention(*(jnp.ones((1, 5, 4, 4)),) * 3, head_mix=jnp.ones((3, 2, 2))),
          ValueError, "groups \\* c_h = heads = 4"),
+        (lambda: ops.damped_ema(jnp.ones((1, 5, 3)), jnp.full((3, 4), 1.5), *(jnp.full((3, 4), 0.5),) * 3),
+         ValueError, r"alpha must lie in \(0, 1\].*got \[1.5, 1.5, 1.5, 1.5\] at 12 of 12"),
+        (lambda: ops.damped_ema(jnp.ones((1, 5, 3)), jnp.full((3, 4), 0.5), jnp.zeros((3, 4)), *(jnp.ones((3, 4)),) * 2),
+         ValueError, r"delta must lie in \(0, 1\]"),
+        (lambda: ops.ema_kernel(jnp.full((3, 4), -0.1), *(jnp.full((3, 4), 0.5),) * 3, length=4),
+         ValueError, r"alpha must lie in \(0, 1\]"),
     ],
-    ids=["ema_channels", "ema_shapes", "mega_len", "sel_q", "sel_v", "mta_kernel", "mta_mix"],
+    ids=["ema_channels", "ema_shapes", "mega_len", "sel_q", "sel_v", "mta_kernel", "mta_mix", "ema_alpha",
+         "ema_delta", "ema_kernel_alpha"],
 )
 def test_validation(call, err, match):
     with pytest.raises(err, match=match):

@@ -211,8 +211,38 @@ def _qkv(spatial, H=2, K=2, D=8, E=8, B=1):
             harness.normal(kv, (B, *spatial, K, E)))
 
 
+def check_poison_pixel(impl, request=None):
+    """A NaN key and an inf value at one pixel of a 12x12 map (kernel 3x5): the queries whose window
+    misses it get exactly their clean outputs and ``dq``; the others get non-finite outputs."""
+    spatial, kw, pixel = (12, 12), dict(kernel_size=(3, 5)), (5, 6)
+    q, k, v = _qkv(spatial)
+
+    @jax.jit
+    def run(q, k, v):
+        out, vjp = jax.vjp(lambda q, k, v: ops.neighborhood_attention(q, k, v, implementation=impl, **kw), q, k, v)
+        return out, vjp(harness.normal(jax.random.key(9), out.shape))[0]
+
+    at = (slice(None), *pixel)
+    out, dq = run(q, k.at[at].set(jnp.nan), v.at[at].set(jnp.inf))
+    clean_out, clean_dq = run(q, k.at[at].set(0.0), v.at[at].set(0.0))
+    sees = numpy_mask(spatial, (3, 5))[:, pixel[0] * spatial[1] + pixel[1]].reshape(spatial)
+    harness.assert_close(out[:, ~sees], clean_out[:, ~sees], 1e-6, f"{impl}: outputs of windows without the pixel")
+    harness.assert_close(dq[:, ~sees], clean_dq[:, ~sees], 1e-6, f"{impl}: dq of windows without the pixel")
+    assert (~np.isfinite(np.asarray(out[:, sees]))).reshape(int(sees.sum()), -1).any(-1).all()
+
+
+def test_reference_confines_poison():
+    check_poison_pixel("reference")
+
+
 class NeighborhoodSuite:
     implementation = "xla"
+    confines_poison = True
+
+    def test_poison_stays_outside_windows(self, request):
+        if not self.confines_poison:
+            request.applymarker(pytest.mark.xfail(strict=True, reason="kernel part follows the GPU rewrite"))
+        check_poison_pixel(self.implementation)
 
     def check(self, spatial, kw, dtype=jnp.float32, **shape):
         op = lambda q, k, v: ops.neighborhood_attention(q, k, v, implementation=self.implementation, **kw)
@@ -267,6 +297,7 @@ class TestPallas(NeighborhoodSuite):
     """The block-sparse kernels in interpret mode (kernels_pallas.backend picks it on CPU)."""
 
     implementation = "pallas"
+    confines_poison = False  # the flash kernels' part of issue 17 (see tests/ops/test_attention_pallas.py)
 
 
 def test_pallas_plan_skips_empty_tiles():

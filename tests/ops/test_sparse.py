@@ -42,6 +42,17 @@ def test_biformer_1d_gathered_matches_reference(dtype):
     _vjp(ops.biformer_attention, GQA.qkv(jax.random.key(0)), dtype, region_size=5, top_k=3)
 
 
+def test_biformer_traced_routing_counts_what_the_reference_counts():
+    """Traced routing (no value check possible): indices outside [0, regions) are dropped and a
+    repeated one counts once, on the gathered path as in the reference (it gave NaN)."""
+    q, k, v = GQA.qkv(jax.random.key(0))
+    routing = jnp.array([[[0, 1, 7]] * 8] * 2, jnp.int32).at[0, 2].set(jnp.array([8, 3, 3])).at[1, 0, 1].set(-5)
+    run = lambda impl: jax.jit(lambda q, k, v, r: ops.biformer_attention(q, k, v, region_size=5, top_k=3, routing=r,
+                                                                          implementation=impl))
+    harness.check_vjp(lambda q, k, v: run("xla")(q, k, v, routing), lambda q, k, v: run("reference")(q, k, v, routing),
+                      (q, k, v), jnp.float32, what="traced routing")
+
+
 def test_biformer_2d_gathered_matches_reference():
     q, k, v = (x.reshape(1, 9, 7, *x.shape[2:]) for x in Shape(B=1, T=63, S=63, H=2, K=2, D=8, E=8).qkv(jax.random.key(1)))
     _vjp(ops.biformer_attention, (q, k, v), region_size=(4, 3), top_k=4)
@@ -187,6 +198,26 @@ def test_moa_per_span_calls_match_reference():
     _vjp(ops.moa_attention, GQA.qkv(jax.random.key(11)), block_sizes=ops.BlockSizes(8, 8), **MOA)
 
 
+def test_moa_dropout_differs_per_head_as_in_the_reference():
+    """Heads in different span groups drop different weights: the per-span calls drop exactly the
+    reference's (dropout hashes the global head), values and gradients."""
+    kw = dict(MOA, dropout_rate=0.3, dropout_key=jax.random.key(5))
+    _vjp(ops.moa_attention, GQA.qkv(jax.random.key(11)), block_sizes=ops.BlockSizes(8, 8), **kw)
+
+
+def test_moa_group_calls_skip_their_own_tiles():
+    """A call holding heads 1 and 3 (``Shard.head_ids``) plans the tiles of those heads only."""
+    from attnjax import normalizers
+    from attnjax.core import tiling
+
+    T, m = 96, masks.moa(alpha=(8, 40, 8, 8), beta=(0.0,) * 4, sinks=0)
+    shard = ops.Shard.make(batch=1, heads=4, q_len=T, kv_len=T, head_ids=[0, 2])
+    problem = tiling.Problem(tiling.Dims(1, T, T, 2, 2, 8, 8), 1.0, m, None, normalizers.softmax(), shard=shard)
+    expected = masks.collapse(m.block_map(T, T, 16, 16)[:, jnp.array([0, 2])])
+    np.testing.assert_array_equal(np.asarray(tiling.tile_plan(problem, 16, 16)), np.asarray(expected))
+    assert (np.asarray(expected) != masks.EMPTY).sum() < (np.asarray(masks.collapse(m.block_map(T, T, 16, 16))) != masks.EMPTY).sum()
+
+
 def test_moa_mask_in_generic_attention():
     q, k, v = GQA.qkv(jax.random.key(12))
     mask = masks.moa(**MOA)
@@ -294,6 +325,11 @@ def test_validation():
         ops.biformer_attention(q, k, v, region_size=5, top_k=9)
     with pytest.raises(ValueError, match="region_size"):
         ops.biformer_attention(q, k, v, region_size=(2, 2), top_k=1)
+    routing = jnp.array([[[0, 1, 7]] * 8] * 2, jnp.int32)  # 8 regions of 5 tokens: 7 is the last
+    with pytest.raises(ValueError, match=r"routing indices must be regions in \[0, 8\); got \[-1, 8\]"):
+        ops.biformer_attention(q, k, v, region_size=5, top_k=3, routing=routing.at[0, 2, 0].set(8).at[1, 0, 1].set(-1))
+    with pytest.raises(ValueError, match="distinct regions"):
+        ops.biformer_attention(q, k, v, region_size=5, top_k=3, routing=routing.at[0, 0, 1].set(0))
     with pytest.raises(ValueError, match="centroids has shape"):
         ops.routing_attention(q, k, v, jnp.ones((4, 3, 5)))
     with pytest.raises(ValueError, match="moa mask has 2 heads"):

@@ -48,6 +48,18 @@ def test_rules_map_logical_axes_to_present_mesh_axes():
         parallel.as_rules({"seq": "context"})
     with pytest.raises(ValueError, match=r"needs 16 devices; there are 8"):
         parallel.make_mesh({"data": 4, "tensor": 4})
+    assert parallel.as_rules([["batch", ["data"]]])["batch"] == ("data",)  # lists, as from a config file
+
+
+@pytest.mark.parametrize("rules, match", [
+    ({"batch": 3}, r"rule for 'batch' must be a mesh axis name, a sequence of them, or None \(strings\); got 3"),
+    ({"heads": ("tensor", 2)}, r"rule for 'heads' must be a mesh axis name.*got \('tensor', 2\)"),
+    ({0: "data"}, r"a rule's logical axis must be a name \(a string"),
+    ([("batch", "data", "fsdp")], r"rules must map logical axis names to mesh axes; got entry"),
+])
+def test_rules_that_are_not_names_are_refused(rules, match):
+    with pytest.raises(TypeError, match=match):
+        parallel.as_rules(rules)
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,6 +234,22 @@ def test_shard_op_rejects_what_it_cannot_shard():
         parallel.shard_op(ops.attention, mesh)(q, k, v)
     with pytest.raises(ValueError, match="batch only"):
         parallel.shard_op(ops.agent_attention, mesh)(q, k, v)
+
+
+@pytest.mark.parametrize("op", ["moa", "hyper"])
+def test_batch_sharded_randomness_is_the_unsharded_one(op):
+    """Batch-sharded MoA with dropout and HyperAttention (hashes, column sample) draw per global
+    batch element: the shards compute the unsharded op's reference (which the unsharded fast
+    path equals, tests/ops/test_sparse.py), not one draw repeated on every shard."""
+    mesh = mesh_of(data=4)
+    q, k, v = Shape(B=4, T=24, S=24, H=2, K=1, D=8, E=8).qkv(jax.random.key(8))
+    fn, kw = {
+        "moa": (ops.moa_attention, dict(alpha=(2, 6), beta=(0.0, 0.1), sinks=2, dropout_rate=0.3,
+                                        dropout_key=jax.random.key(1))),
+        "hyper": (ops.hyper_attention, dict(key=jax.random.key(2), bucket_size=8, sample_size=6)),
+    }[op]
+    sharded = jax.jit(lambda q, k, v: parallel.shard_op(fn, mesh)(q, k, v, **kw))(q, k, v)
+    np.testing.assert_allclose(sharded, fn(q, k, v, implementation="reference", **kw), atol=2e-5)
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from attnjax import _checks
-from attnjax.dropout import Dropout
+from attnjax.dropout import Dropout, check_rate
 from attnjax.masks import Mask
 from attnjax.normalizers import Normalizer, as_normalizer
 from attnjax.core import blocks, dispatch
@@ -94,7 +96,7 @@ def attention(
     ((2, 10, 4, 8), True)
     """
     problem = make_problem(q, k, v, mask, score_mod, bias, normalizer, sigmoid_bias, scale, shard)
-    if dropout_rate != 0.0 or dropout_key is not None:
+    if check_rate(dropout_rate) != 0.0 or dropout_key is not None:
         problem = dataclasses.replace(problem, dropout=Dropout.make(dropout_rate, dropout_key))
     if return_lse and not problem.normalizer.row_normalized:
         raise ValueError(
@@ -162,6 +164,7 @@ def make_problem(q, k, v, mask, score_mod, bias, normalizer, sigmoid_bias, scale
     score_mod = as_score_mod(score_mod)
     if score_mod is not None:
         score_mod.check(H)
+        _check_score_mod_output(score_mod, dims.batch, dims.heads, T, S)
     if bias is not None:
         d = dims
         _checks.broadcastable_to("bias", bias, (d.batch, d.heads, d.q_len, d.kv_len),
@@ -169,6 +172,22 @@ def make_problem(q, k, v, mask, score_mod, bias, normalizer, sigmoid_bias, scale
         _checks.check_float("bias", bias)
     return Problem(dims, default_scale(D, scale), mask, score_mod, as_normalizer(normalizer, sigmoid_bias),
                    shard=shard)
+
+
+def _check_score_mod_output(score_mod: ScoreMod, batch: int, heads: int, q_len: int, kv_len: int) -> None:
+    """A score mod must return float scores of the shape it was given (traced abstractly, once):
+    a wrong one would otherwise fail deep inside an einsum or broadcast silently."""
+    t, s = min(2, q_len), min(3, kv_len)
+    shape = (batch, heads, t, s)
+    ar = lambda n: jnp.arange(n, dtype=jnp.int32)
+    idx = (ar(batch)[:, None, None, None], ar(heads)[None, :, None, None], ar(t)[None, None, :, None],
+           ar(s)[None, None, None, :])
+    out = jax.eval_shape(lambda x: score_mod(q_len, kv_len, x, *idx), jax.ShapeDtypeStruct(shape, jnp.float32))
+    got = getattr(out, "shape", None)
+    if got != shape or not jnp.issubdtype(out.dtype, jnp.floating):
+        what = f"{getattr(out, 'dtype', type(out).__name__)}{list(got) if got is not None else ''}"
+        raise ValueError(f"score_mod must return float scores of the shape it is given; given float32{list(shape)} "
+                         f"[batch, heads, q tile, kv tile], it returned {what}")
 
 
 def _check_shard(shard, dims: Dims) -> None:
@@ -179,3 +198,6 @@ def _check_shard(shard, dims: Dims) -> None:
         if total < local:
             raise ValueError(f"shard.{name}={total} is the global size; it cannot be smaller than the "
                              f"local {name}={local} of q/k/v")
+    if shard.head_ids is not None and tuple(shard.head_ids.shape) != (dims.heads,):
+        raise ValueError(f"shard.head_ids has shape {tuple(shard.head_ids.shape)}; expected one global head "
+                         f"index per local head, [heads={dims.heads}]")

@@ -1,7 +1,7 @@
 """Dense reference: materializes the ``[B, H, T, S]`` score matrix, float32 throughout.
 
-Obviously correct by construction and differentiated by plain autodiff; every faster path is
-tested against it.
+Obviously correct by construction and differentiated by plain autodiff (any order, forward or
+reverse mode); every faster path is tested against it.
 """
 
 from __future__ import annotations
@@ -20,17 +20,20 @@ def attention(problem: Problem, q, k, v, bias):
     ``lse`` is the log-sum-exp of each row's allowed logits (``-inf`` for a row with no allowed
     key) for softmax, and zeros for elementwise normalizers.
     """
-    d = problem.dims
+    d, dtype = problem.dims, q.dtype
     f32 = lambda x: x.astype(jnp.float32)
     q_idx = jnp.arange(d.q_len, dtype=jnp.int32)
     kv_idx = jnp.arange(d.kv_len, dtype=jnp.int32)
-    s = tiling.logits(problem, problem.score_mod, f32(q), f32(k), bias, q_idx, kv_idx)
+    # Non-finite entries of q, k, v reach only the entries the mask allows (tiling.guard): the
+    # whole matrix is treated as one PARTIAL tile.
+    q, k, v, poison = tiling.guard(f32(q), f32(k), f32(v))
+    s = tiling.logits(problem, problem.score_mod, q, k, bias, q_idx, kv_idx) + poison
     allowed = jnp.broadcast_to(tiling.allowed(problem, q_idx, kv_idx), s.shape)
     w = problem.normalizer.dense(problem.lengths[1], s, allowed)  # [B, H, T, S]
     zs = tiling.dropout_scale(problem, q_idx, kv_idx)
     if zs is not None:
         w = w * zs
-    out = tiling.weighted_values(w, f32(v))  # [B, H, T, E]
+    out = tiling.weighted_values(w, v)  # [B, H, T, E]
     if problem.normalizer.row_normalized:
         any_allowed = allowed.any(-1)
         # A finite fill keeps the gradient of fully masked rows finite (it is then discarded).
@@ -38,4 +41,4 @@ def attention(problem: Problem, q, k, v, bias):
         lse = jnp.where(any_allowed, lse, -jnp.inf)
     else:
         lse = jnp.zeros(s.shape[:-1], jnp.float32)
-    return out.transpose(0, 2, 1, 3).astype(q.dtype), lse.transpose(0, 2, 1)
+    return out.transpose(0, 2, 1, 3).astype(dtype), lse.transpose(0, 2, 1)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from attnjax.core import tiling
+from attnjax.core import dispatch, tiling
 from attnjax.core.blocks import BlockSizes
 from attnjax.core.tiling import FULL, Problem
 from attnjax.core.utils import round_up
@@ -32,6 +32,10 @@ def attention(problem: Problem, q, k, v, bias, block_sizes: BlockSizes | None = 
     Tiles are ``block_sizes.forward`` (see :class:`attnjax.core.BlockSizes`), clipped to the
     8-rounded sequence lengths, so small inputs use one tile; the backward uses the same tiles.
     """
+    if dispatch.autodiff(q, k, v, bias, problem).forward:
+        raise NotImplementedError(
+            "forward-mode autodiff (jax.jvp, jax.jacfwd, jax.hessian) cannot go through the blockwise "
+            "path's custom backward (reverse mode of any order can); implementation='reference' supports it")
     d = problem.dims
     bq, bk = (block_sizes or BlockSizes()).resolve("xla").forward
     bq, bk = min(bq, round_up(d.q_len, 8)), min(bk, round_up(d.kv_len, 8))
@@ -65,11 +69,12 @@ def _tree_add(a, b):
     return jax.tree.map(jnp.add, a, b)
 
 
-def _row_loop(plan, i, body, init):
+def _row_loop(plan, i, body, init, differentiable: bool = False):
     """Runs ``body(key_tile, masked: bool, carry)`` over row ``i``'s non-empty key tiles
-    (FULL tiles need no mask)."""
+    (FULL tiles need no mask); ``differentiable`` visits them in a reverse-differentiable loop."""
     classes, order, counts = plan
-    return tiling.visit(counts[i], lambda j: order[i, j], lambda kt: classes[i, kt] == FULL, body, init)
+    args = (counts[i], lambda j: order[i, j], lambda kt: classes[i, kt] == FULL, body, init)
+    return tiling.visit_all(classes.shape[1], *args) if differentiable else tiling.visit(*args)
 
 
 def _indices(tiles: tiling.Tiling, i, kt):
@@ -87,19 +92,32 @@ def _keys(x, kt, bk):
     return lax.dynamic_slice_in_dim(x, kt * bk, bk, axis=1)
 
 
+def _tile_inputs(q_i, k, v, clean, kt, bk, masked: bool):
+    """``(q, k, v)`` of key tile ``kt`` for query row tile ``q_i``: the raw inputs for a FULL tile
+    (nothing is masked, so nothing to confine), for a PARTIAL tile those of ``clean`` (computed once
+    per call, ``O(S D)``, so no tile pays for it): in the forward, the keys and values of
+    :func:`attnjax.core.tiling.poison_keys` and the raw query, in the backward all three through
+    :func:`attnjax.core.tiling.finite_or_zero` (``clean = (q_i, k, v)`` cleaned)."""
+    if not masked:
+        return q_i, _keys(k, kt, bk), _keys(v, kt, bk)
+    q_c, k_c, v_c = clean
+    return (q_i if q_c is None else q_c), _keys(k_c, kt, bk), _keys(v_c, kt, bk)
+
+
 def _forward(tiles: tiling.Tiling, q, k, v, bias, problem: Problem, plan):
     B, H, E = problem.dims.batch, problem.dims.heads, problem.dims.v_dim
     normalizer, S = problem.normalizer, problem.lengths[1]
     bq, bk = tiles.block_q, tiles.block_k
     nq = q.shape[1] // bq
+    k_p, v_c = tiling.poison_keys(k, v)  # what PARTIAL tiles read: non-finite inputs stay masked
 
     def tile_row(i):
         q_i = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)  # [B, bq, H, D]
 
         def body(kt, masked, carry):
             q_idx, kv_idx = _indices(tiles, i, kt)
-            k_j, v_j = _keys(k, kt, bk), _keys(v, kt, bk)
-            s = tiling.logits(problem, problem.score_mod, q_i, k_j, _bias_tile(bias, i, kt, bq, bk),
+            q_t, k_j, v_j = _tile_inputs(q_i, k, v, (None, k_p, v_c), kt, bk, masked)
+            s = tiling.logits(problem, problem.score_mod, q_t, k_j, _bias_tile(bias, i, kt, bq, bk),
                               q_idx, kv_idx)  # [B, H, bq, bk]
             ok = tiling.allowed(problem, q_idx, kv_idx) if masked else None
             zs = tiling.dropout_scale(problem, q_idx, kv_idx)
@@ -123,14 +141,46 @@ def _forward(tiles: tiling.Tiling, q, k, v, bias, problem: Problem, plan):
     return out, lse
 
 
+# Higher-order reverse mode. The forward rule gets (out, lse) from _blockwise itself, so that when
+# a gradient is differentiated again, the residuals' dependence on q, k, v goes through this same
+# custom rule (the fori_loops of _forward are not reverse-differentiable). The backward rule is
+# _gradients, a custom_vjp of its own: its primal is the fast backward (fori_loop over each row's
+# non-empty tiles, unchanged first-order cost); its own backward differentiates the same code run
+# with reverse-differentiable loops (tiling.visit_all), which only grad-of-grad ever traces.
+
+
 def _blockwise_fwd(tiles, q, k, v, bias, problem, plan):
-    out, lse = _forward(tiles, q, k, v, bias, problem, plan)
+    out, lse = _blockwise(tiles, q, k, v, bias, problem, plan)
     return (out, lse), (q, k, v, bias, problem, plan, out, lse)
 
 
 def _blockwise_bwd(tiles: tiling.Tiling, res, cotangents):
-    q, k, v, bias, problem, plan, out, lse = res
-    d_out, d_lse = cotangents
+    return _gradients(tiles, *res, *cotangents)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gradients(tiles, q, k, v, bias, problem, plan, out, lse, d_out, d_lse):
+    return _backward(tiles, False, q, k, v, bias, problem, plan, out, lse, d_out, d_lse)
+
+
+def _gradients_fwd(tiles, *args):
+    return _gradients(tiles, *args), args
+
+
+def _gradients_bwd(tiles, args, cotangents):
+    plan = args[5]
+    rest = args[:5] + args[6:]
+    backward = lambda *a: _backward(tiles, True, *a[:5], plan, *a[5:])
+    _, vjp = jax.vjp(backward, *rest)
+    grads = jax.tree.map(lambda g: None if g.dtype == jax.dtypes.float0 else g, vjp(cotangents))
+    return (*grads[:5], jax.tree.map(lambda _: None, plan), *grads[5:])
+
+
+_gradients.defvjp(_gradients_fwd, _gradients_bwd)
+
+
+def _backward(tiles: tiling.Tiling, differentiable: bool, q, k, v, bias, problem, plan, out, lse, d_out, d_lse):
+    """The blockwise backward: cotangents of ``(q, k, v, bias, problem, plan)``."""
     score_mod, normalizer, S = problem.score_mod, problem.normalizer, problem.lengths[1]
     bq, bk = tiles.block_q, tiles.block_k
     nq = q.shape[1] // bq
@@ -142,17 +192,20 @@ def _blockwise_bwd(tiles: tiling.Tiling, res, cotangents):
     delta = (d_out * f32(out)).sum(-1).transpose(0, 2, 1) - d_lse
     lse = jnp.where(jnp.isneginf(lse), 0.0, lse)  # rows with no key: their p is 0 regardless
 
+    q_c, k_c, v_c = (tiling.finite_or_zero(x)[0] for x in (q, k, v))  # what PARTIAL tiles read
+
     def tile_row(carry, i):
         sl = lambda x, axis: lax.dynamic_slice_in_dim(x, i * bq, bq, axis=axis)
         q_i, do_i = sl(q, 1), sl(d_out, 1)  # [B, bq, H, D], [B, bq, H, E]
         lse_i, delta_i = sl(lse, 2)[..., None], sl(delta, 2)[..., None]  # [B, H, bq, 1]
+        clean = (sl(q_c, 1), k_c, v_c)
 
         def body(kt, masked, c):
             dq_i, dk, dv, dbias, dmod, dnorm = c
             q_idx, kv_idx = _indices(tiles, i, kt)
-            k_j, v_j = _keys(k, kt, bk), _keys(v, kt, bk)
+            q_t, k_j, v_j = _tile_inputs(q_i, k, v, clean, kt, bk, masked)
             logits = lambda q_, k_, b_, m_: tiling.logits(problem, m_, q_, k_, b_, q_idx, kv_idx)
-            s, logits_vjp = jax.vjp(logits, q_i, k_j, _bias_tile(bias, i, kt, bq, bk), score_mod)
+            s, logits_vjp = jax.vjp(logits, q_t, k_j, _bias_tile(bias, i, kt, bq, bk), score_mod)
             ok = tiling.allowed(problem, q_idx, kv_idx) if masked else None
             dp = tiling.scores(do_i, v_j, 1.0)  # dO V^T, [B, H, bq, bk]
             zs = tiling.dropout_scale(problem, q_idx, kv_idx)
@@ -173,7 +226,7 @@ def _blockwise_bwd(tiles: tiling.Tiling, res, cotangents):
 
         dk, dv, dbias, dmod, dnorm = carry
         dq_i, dk, dv, dbias, dmod, dnorm = _row_loop(
-            plan, i, body, (jnp.zeros(q_i.shape, jnp.float32), dk, dv, dbias, dmod, dnorm)
+            plan, i, body, (jnp.zeros(q_i.shape, jnp.float32), dk, dv, dbias, dmod, dnorm), differentiable
         )
         return (dk, dv, dbias, dmod, dnorm), dq_i
 

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jaxtyping import Array, Float
 
@@ -51,14 +53,17 @@ def ema_kernel(
     >>> ema_kernel(0.5 * one, one, one, one, 3)  # 0.5 * 0.5^j
     Array([[0.5  , 0.25 , 0.125]], dtype=float32)
     """
+    check_ema_rates(alpha, delta)
     alpha, delta, beta, eta = (jnp.asarray(x, jnp.float32) for x in (alpha, delta, beta, eta))
     log_q = jnp.log1p(-alpha * delta)[..., None]  # [C, N, 1]
     # Writing j = R m + r, q^j = q^(R m) q^r turns the C N T powers (exp is the costly part) into
     # C N (T / R + R) exps and one batched matmul over n, with R ~ sqrt(T).
     R = max(1, math.isqrt(length))
     M = -(-length // R)
-    outer = jnp.exp(log_q * (R * jnp.arange(M, dtype=jnp.float32)))  # [C, N, M]
-    inner = jnp.exp(log_q * jnp.arange(R, dtype=jnp.float32))  # [C, N, R]
+    # q^0 = 1 also for q = 0 (alpha delta = 1), where log q * 0 would be NaN.
+    power = lambda n: jnp.exp(jnp.where(n == 0, 0.0, log_q * n))
+    outer = power(R * jnp.arange(M, dtype=jnp.float32))  # [C, N, M]
+    inner = power(jnp.arange(R, dtype=jnp.float32))  # [C, N, R]
     weight = (eta * alpha * beta)[..., None]
     kernel = jnp.einsum("cnm,cnr->cmr", weight * outer, inner, precision=lax.Precision.HIGHEST)
     return kernel.reshape(kernel.shape[0], M * R)[:, :length]
@@ -77,7 +82,8 @@ def damped_ema(
 
     Args:
       x: ``[B, T, C]``.
-      alpha, delta: ``[C, N]`` in ``(0, 1)`` (Mega keeps them as ``sigmoid`` of parameters).
+      alpha, delta: ``[C, N]`` in ``(0, 1]`` (Mega keeps them as ``sigmoid`` of parameters;
+        checked when concrete).
       beta: ``[C, N]`` expansion; ``eta``: ``[C, N]`` projection.
       implementation: ``"reference"`` (the recurrence, ``lax.scan`` over ``T``), ``"xla"``
         (FFT convolution with :func:`ema_kernel`, ``O(C T log T)``), ``None`` (the scan on CPU,
@@ -106,6 +112,7 @@ def damped_ema(
         shape = s
     if T == 0:
         raise ValueError(f"x must have at least one position; got shape {x.shape}")
+    check_ema_rates(alpha, delta)
     f32 = lambda a: jnp.asarray(a, jnp.float32)
     params = tuple(map(f32, (alpha, delta, beta, eta)))
 
@@ -115,6 +122,21 @@ def damped_ema(
     }
     # On CPU the sequential scan beats the FFT (0.38x at T=4K, 0.31x at 16K: docs/variants.md).
     return dispatch.run("damped_ema", impls, implementation, cpu_order=("reference", "xla")).astype(x.dtype)
+
+
+def check_ema_rates(alpha, delta) -> None:
+    """``alpha`` and ``delta`` must lie in ``(0, 1]`` (checked when concrete; Mega keeps them in
+    ``(0, 1)`` as ``sigmoid`` of parameters): outside it the damping ``1 - alpha delta`` leaves
+    ``[0, 1)``, so the EMA grows or oscillates instead of decaying (and the FFT kernel's
+    ``log(1 - alpha delta)`` is NaN), or it never forgets (``delta = 0``)."""
+    for name, x in (("alpha", alpha), ("delta", delta)):
+        if isinstance(x, jax.core.Tracer):
+            continue
+        values = np.asarray(x, np.float32)
+        bad = ~((values > 0) & (values <= 1))  # NaN too
+        if bad.any():
+            raise ValueError(f"{name} must lie in (0, 1] (e.g. sigmoid of a parameter); got "
+                             f"{values[bad].ravel()[:4].tolist()} at {int(bad.sum())} of {values.size} entries")
 
 
 def _ema_recurrence(x, alpha, delta, beta, eta):

@@ -220,8 +220,9 @@ def check_log_decay(log_decay, heads: int):
     _checks.per_head("log_decay", log_decay, heads)
     if not jnp.issubdtype(jnp.result_type(log_decay), jnp.floating):
         raise TypeError(f"log_decay must be floating point; got dtype {jnp.result_type(log_decay)}")
-    if not isinstance(log_decay, jax.core.Tracer) and np.any(np.asarray(log_decay) > 0):
-        raise ValueError(f"log_decay must be <= 0 (a decay lambda = exp(log_decay) <= 1); got {np.asarray(log_decay)}")
+    if not isinstance(log_decay, jax.core.Tracer) and not np.all(np.asarray(log_decay) <= 0):  # NaN too
+        raise ValueError(f"log_decay must be <= 0 (a decay lambda = exp(log_decay) <= 1; -inf for none); "
+                         f"got {np.asarray(log_decay)}")
     return jnp.broadcast_to(jnp.asarray(log_decay, jnp.float32), (heads,))
 
 

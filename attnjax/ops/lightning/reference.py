@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from attnjax.core.tiling import finite_or_zero
+
 HI = lax.Precision.HIGHEST
 
 
@@ -33,14 +35,24 @@ def recurrence(q, k, v, a, docs, s0, scale):
 
 
 def dense(q, k, v, a, docs, s0, scale):
-    """The masked quadratic form (materializes ``[B, H, T, T]``). Same returns as :func:`recurrence`."""
-    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    """The masked quadratic form (materializes ``[B, H, T, T]``). Same returns as :func:`recurrence`.
+
+    Non-finite entries of ``q``, ``k``, ``v`` reach only the tokens that attend them (as in the
+    recurrence, where a document boundary replaces the state rather than scaling it by 0): they
+    enter the products zeroed, and their NaN poison enters the exponent of the mask, where
+    ``-inf`` removes it from the entries that are not attended (``attnjax.core.tiling.guard``)."""
+    q, pq = finite_or_zero(q.astype(jnp.float32))  # poison [B, T, H]
+    k, pk = finite_or_zero(k.astype(jnp.float32))
+    v, pv = finite_or_zero(v.astype(jnp.float32))
     T = q.shape[1]
     t = jnp.arange(T)
-    dist = (t[:, None] - t[None, :]).astype(jnp.float32)  # [T, T]
+    dist = t[:, None] - t[None, :]  # [T, T]
     allowed = (dist >= 0) & (docs[:, :, None] == docs[:, None, :])  # [B, T, T]
-    # exp of -inf (not a where around exp) so masked entries have zero gradient, never NaN.
-    decay = jnp.exp(jnp.where(allowed[:, None], a[:, None, None] * dist, -jnp.inf))  # [B, H, T, T]
+    poison = pq.transpose(0, 2, 1)[..., :, None] + (pk + pv).transpose(0, 2, 1)[..., None, :]  # [B, H, T, T]
+    # exp of -inf (not a where around exp) so masked entries have zero gradient, never NaN;
+    # lambda^0 = 1 even for lambda = 0 (log_decay = -inf).
+    expo = jnp.where(dist == 0, 0.0, a[:, None, None] * dist.astype(jnp.float32))  # [H, T, T]
+    decay = jnp.exp(jnp.where(allowed[:, None], expo + poison, -jnp.inf))  # [B, H, T, T]
     s = jnp.einsum("bthd,bshd->bhts", scale * q, k, precision=HI) * decay
     out = jnp.einsum("bhts,bshe->bthe", s, v, precision=HI)
     # The initial state reaches the first document only, decayed t + 1 steps.
@@ -48,10 +60,11 @@ def dense(q, k, v, a, docs, s0, scale):
     first = docs == docs[:, :1]  # [B, T]
     w0 = jnp.where(first[:, :, None], jnp.exp(a[None, None, :] * pos[None, :, None]), 0.0)  # [B, T, H]
     out = out + w0[..., None] * jnp.einsum("bthd,bhde->bthe", scale * q, s0, precision=HI)
-    # The final state holds the last document only.
-    last = docs == docs[:, -1:]
-    w = jnp.where(last[:, :, None], jnp.exp(a[None, None, :] * (T - 1 - t)[None, :, None]), 0.0)
+    # The final state holds the last document only (and its poison).
+    last = (docs == docs[:, -1:])[:, :, None]  # [B, T, 1]
+    steps = (T - 1 - t)[:, None]  # [T, 1]
+    expo = jnp.where(steps == 0, 0.0, a[None, :] * steps.astype(jnp.float32))  # [T, H]
+    w = jnp.exp(jnp.where(last, expo[None] + pk + pv, -jnp.inf))  # [B, T, H]
     final = jnp.einsum("bsh,bshd,bshe->bhde", w, k, v, precision=HI)
     keep0 = jnp.where((docs[:, 0] == docs[:, -1])[:, None], jnp.exp(a * T)[None, :], 0.0)  # [B, H]
     return out, final + keep0[..., None, None] * s0
-

@@ -32,6 +32,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from attnjax.core.tiling import finite_or_zero
 from attnjax.core.utils import round_up
 
 HI = lax.Precision.HIGHEST
@@ -40,12 +41,18 @@ HI = lax.Precision.HIGHEST
 CHUNKS_PER_STEP = 16
 
 
-def chunk_decays(a, length: int, n: int, C: int):
-    """``A[h, i, j]``: log decay accumulated from the start of chunk ``i`` through its token
-    ``j`` (``a_h`` per real token, 0 per padding token), ``[H, n, C]``."""
+def chunk_steps(length: int, n: int, C: int):
+    """``steps[i, j]``: how many decays token ``j`` of chunk ``i`` is from the start of its chunk
+    (1 per real token through ``j``, 0 per padding token), ``[n, C]`` int32. A log decay over
+    ``m`` steps is :func:`log_power` ``(a, m)``."""
     real = jnp.clip(length - jnp.arange(n) * C, 0, C)[:, None]  # real tokens per chunk, [n, 1]
-    steps = jnp.minimum(jnp.arange(1, C + 1)[None, :], real)  # [n, C]
-    return a[:, None, None] * steps.astype(jnp.float32)
+    return jnp.minimum(jnp.arange(1, C + 1)[None, :], real).astype(jnp.int32)  # [n, C]
+
+
+def log_power(a, m):
+    """``log(lambda^m) = a m`` with ``lambda^0 = 1`` even for ``lambda = 0`` (``a = -inf``, no
+    memory), where ``a * 0`` would be NaN. ``m >= 0`` are integers (no gradient)."""
+    return jnp.where(m == 0, 0.0, a * m.astype(jnp.float32))
 
 
 def forward(q, k, v, a, docs, s0, scale, block_size: int):
@@ -62,44 +69,74 @@ def forward(q, k, v, a, docs, s0, scale, block_size: int):
     steps = lambda x: jnp.moveaxis(
         (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else x).reshape(B, n // g, L, H, x.shape[-1]), 1, 0)
     dc = jnp.pad(docs, ((0, 0), (0, pad)), mode="edge").reshape(B, n // g, g, C).transpose(1, 0, 2, 3)
-    A = chunk_decays(a, T, n, C).reshape(H, n // g, g, C).transpose(1, 0, 2, 3)  # [steps, H, g, C]
+    m = chunk_steps(T, n, C).reshape(n // g, g, C)  # [steps, g, C]
     chunks = lambda x: x.astype(jnp.float32).reshape(B, g, C, H, x.shape[-1]).transpose(0, 3, 1, 2, 4)
 
     def step(carry, x):
-        state, doc_prev = carry  # [B, H, D, E], [B]
-        q_s, k_s, v_s, dc_s, A_s = x  # [B, L, H, *]
-        out, state, doc_last = _chunks(state, doc_prev, scale * chunks(q_s), chunks(k_s), chunks(v_s), dc_s, A_s)
+        state, doc_prev = carry  # ([B, H, D, E], its poison [B, H]), [B]
+        q_s, k_s, v_s, dc_s, m_s = x  # [B, L, H, *]
+        out, state, doc_last = _chunks(state, doc_prev, scale * chunks(q_s), chunks(k_s), chunks(v_s), dc_s, a, m_s)
         return (state, doc_last), out.transpose(0, 2, 3, 1, 4).reshape(B, L, H, E)
 
-    (final, _), out = lax.scan(step, (s0.astype(jnp.float32), docs[:, 0]), (steps(q), steps(k), steps(v), dc, A))
+    # The state is kept finite; a non-finite initial state becomes its poison (reaching the first
+    # document only).
+    s0, p0 = finite_or_zero(s0.astype(jnp.float32).reshape(B, H, D * E))
+    init = ((s0.reshape(B, H, D, E), p0), docs[:, 0])
+    ((final, p_final), _), out = lax.scan(step, init, (steps(q), steps(k), steps(v), dc, m))
+    final = final + p_final[..., None, None]
     out = jnp.moveaxis(out, 0, 1).reshape(B, n * C, H, E)  # [steps, B, L, H, E] -> [B, Tp, H, E]
     return (out[:, :T] if pad else out), final
 
 
-def _chunks(state, doc_prev, qc, kc, vc, dc, A):
+def _chunks(state, doc_prev, qc, kc, vc, dc, a, m):
     """``g`` consecutive chunks at once: ``qc, kc`` ``[B, H, g, C, D]``, ``vc`` ``[B, H, g, C, E]``,
-    ``dc`` ``[B, g, C]`` document ids, ``A`` ``[H, g, C]``; ``state`` enters the first chunk."""
+    ``dc`` ``[B, g, C]`` document ids, ``a`` ``[H]`` log decays, ``m`` ``[g, C]`` decay steps
+    (:func:`chunk_steps`); ``state = (S [B, H, D, E], its poison [B, H])`` enters the first chunk.
+
+    Non-finite inputs reach only the tokens that attend them (same document, at or after them):
+    ``q``, ``k``, ``v`` enter the products zeroed where non-finite, and a NaN *poison* for each
+    such token is added inside the exponents of the decay masks, where masking (``-inf``) removes
+    it from every entry that is not attended and keeps it in those that are (as
+    ``attnjax.core.tiling.guard`` does for softmax tiles). The state stays finite and carries its
+    poison beside it; both cross a document boundary by ``where`` (never a multiplication by 0),
+    and only the tokens of the document the entering state belongs to read them."""
     C = qc.shape[3]
+    qc, pq = finite_or_zero(qc)  # poison [B, H, g, C]
+    kc, pk = finite_or_zero(kc)
+    vc, pv = finite_or_zero(vc)
+    pkv = pk + pv
+    ah = a[:, None, None]  # [H, 1, 1]
     prev = jnp.concatenate([doc_prev[:, None], dc[:, :-1, -1]], axis=1)  # doc before each chunk, [B, g]
-    last = A[:, :, -1]  # [H, g]
     j = jnp.arange(C)
     allowed = (j[:, None] >= j[None, :]) & (dc[:, :, :, None] == dc[:, :, None, :])  # [B, g, C, C]
     # exp(-inf) for masked entries (not a where around exp): zero values and zero gradients.
-    M = jnp.exp(jnp.where(allowed[:, None], A[..., :, None] - A[..., None, :], -jnp.inf))  # [B,H,g,C,C]
+    decay = log_power(ah[..., None], m[:, :, None] - m[:, None, :])  # [H, g, C, C]
+    poison = pq[..., :, None] + pkv[..., None, :]  # [B, H, g, C, C]
+    M = jnp.exp(jnp.where(allowed[:, None], decay + poison, -jnp.inf))  # [B, H, g, C, C]
     s = jnp.einsum("bhncd,bhnld->bhncl", qc, kc, precision=HI) * M
     out = jnp.einsum("bhncl,bhnle->bhnce", s, vc, precision=HI)
 
-    # Each chunk's contribution to the state after it: its last document's keys, decayed to the end.
-    w = jnp.exp(jnp.where((dc == dc[:, :, -1:])[:, None], last[..., None] - A, -jnp.inf))  # [B,H,g,C]
+    # Each chunk's contribution to the state after it: its last document's keys, decayed to the
+    # end; its poison (NaN if one of those tokens is non-finite) is carried beside the state, so
+    # that the state itself stays finite and a token that does not read it never sees a NaN.
+    last = m[:, -1]  # [g]
+    in_last = (dc == dc[:, :, -1:])[:, None]  # [B, 1, g, C]
+    w = jnp.exp(jnp.where(in_last, log_power(ah, last[:, None] - m), -jnp.inf))  # [B, H, g, C]
     U = jnp.einsum("bhncd,bhnce->nbhde", kc * w[..., None], vc, precision=HI)
-    keep = jnp.where((dc[:, :, -1] == prev)[:, None], jnp.exp(last)[None], 0.0)  # [B, H, g]
+    pU = jnp.where(in_last, pkv, 0.0).sum(-1)  # [B, H, g]
+    cont = dc[:, :, -1] == prev  # [B, g]: the chunk ends in the document it started in
+    lam_c = jnp.exp(log_power(a[:, None], last[None, :]))  # [H, g]
 
-    def step(state, x):
-        keep_i, U_i = x
-        return keep_i[..., None, None] * state + U_i, state
+    def step(carry, x):
+        state, poison = carry  # [B, H, D, E], [B, H]
+        cont_i, lam_i, U_i, pU_i = x  # [B], [H], [B, H, D, E], [B, H]
+        kept = jnp.where(cont_i[:, None, None, None], lam_i[None, :, None, None] * state, 0.0)
+        return (kept + U_i, jnp.where(cont_i[:, None], poison, 0.0) + pU_i), (state, poison)
 
-    state, before = lax.scan(step, state, (jnp.moveaxis(keep, 2, 0), U))
-    # before: [g, B, H, D, E], the state entering each chunk.
-    qw = jnp.exp(jnp.where((dc == prev[..., None])[:, None], A[None], -jnp.inf))  # [B, H, g, C]
+    state, (before, p_before) = lax.scan(step, state, (cont.T, lam_c.T, U, jnp.moveaxis(pU, 2, 0)))
+    # before: [g, B, H, D, E], the state entering each chunk; only tokens of the document it
+    # belongs to read it (and its poison, p_before [g, B, H]).
+    reads = (dc == prev[..., None])[:, None]  # [B, 1, g, C]
+    qw = jnp.exp(jnp.where(reads, log_power(ah, m)[None] + jnp.moveaxis(p_before, 0, -1)[..., None], -jnp.inf))
     out = out + jnp.einsum("bhncd,nbhde->bhnce", qc * qw[..., None], before, precision=HI)
     return out, state, dc[:, -1, -1]

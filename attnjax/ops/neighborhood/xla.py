@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from attnjax.core import tiling
 from attnjax.core.utils import precision
 from attnjax.masks.neighborhood import AxisWindow
 
@@ -98,9 +99,16 @@ def neighborhood_attention(q, k, v, axes: tuple[AxisWindow, ...], scale: float, 
     ok = jnp.asarray(ok.reshape(n_p, math.prod(p.bq for p in plans), math.prod(p.span for p in plans)))
 
     n_q, n_w = qt.shape[2], kt.shape[2]
+    # Every (tile, halo) pair has masked entries: confine non-finite inputs to the allowed ones
+    # (tiling.guard), so a NaN pixel reaches only the queries whose window holds it. Zeroing the
+    # gathered tiles costs O(halo * D) per tile against the O(tile * halo * D) products.
+    merged = lambda x: x.reshape(B * n_p, *x.shape[2:])
+    qt, kt, vt, poison = tiling.guard(merged(qt), merged(kt), merged(vt))  # poison [B P, H, Q, W]
+    qt, kt, vt = (x.reshape(B, n_p, *x.shape[1:]) for x in (qt, kt, vt))
     qg = qt.reshape(B, n_p, n_q, K, H // K, D)
     s = jnp.einsum("bpqkgd,bpwkd->bpkgqw", qg, kt, preferred_element_type=jnp.float32,
                    precision=precision(q.dtype)) * scale
+    s = s + poison.reshape(B, n_p, K, H // K, n_q, n_w)
     allowed = ok[None, :, None, None]  # [1, P, 1, 1, Q, W]
     s = jnp.where(allowed, s, _MASKED)
     # Every row has at least one allowed key (padded query rows take the window of the last real

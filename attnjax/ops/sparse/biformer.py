@@ -30,6 +30,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, Int
 
@@ -134,7 +135,9 @@ def biformer_attention(
       q, k, v: queries, keys, values on the same token grid (``K`` divides ``H``).
       region_size: tokens per region (an int, or ``(rx, ry)`` in 2-D).
       top_k: regions each query region attends to.
-      routing: precomputed :func:`bilevel_routing` indices (default: computed from q, k).
+      routing: precomputed :func:`bilevel_routing` indices (default: computed from q, k):
+        distinct regions in ``[0, regions)`` per query region (checked when concrete; traced
+        indices outside the range are dropped and repeats count once, as in the reference).
       scale: logit scale, default ``1 / sqrt(D)``.
       implementation: ``"reference"`` (dense attention under the mask of allowed region pairs) or
         ``"xla"``/None (gather the routed regions' keys and values, attend within them).
@@ -155,17 +158,40 @@ def biformer_attention(
     flat = lambda x: x.reshape(x.shape[0], -1, *x.shape[-2:])
     _checks.check_qkv(flat(q), flat(k), flat(v), same_length=True)
     spatial, region = _sizes(q, region_size)
+    n = math.prod(-(-s // r) for s, r in zip(spatial, region))
+    checked = routing is None  # bilevel_routing's indices are in range and distinct
     if routing is None:
         routing = bilevel_routing(q, k, region_size=region, top_k=top_k)
-    n = math.prod(-(-s // r) for s, r in zip(spatial, region))
+    _checks.check_rank("routing", routing, ("batch", "regions", "top_k"))
     _checks.check_int_array("routing", routing)
-    if routing.shape != (q.shape[0], n, routing.shape[-1]) or routing.ndim != 3:
+    if routing.shape != (q.shape[0], n, routing.shape[-1]):
         raise ValueError(f"routing has shape {routing.shape}; expected [batch={q.shape[0]}, regions={n}, top_k]")
+    if not checked and not isinstance(routing, jax.core.Tracer):
+        _check_routing_values(np.asarray(routing), n)
+        checked = True
     impls = {
         "reference": lambda: _reference(q, k, v, routing, spatial, region, scale),
-        "xla": lambda: _gathered(q, k, v, routing, spatial, region, scale),
+        "xla": lambda: _gathered(q, k, v, routing, spatial, region, scale, checked),
     }
     return dispatch.run("biformer_attention", impls, implementation)
+
+
+def _check_routing_values(routing: np.ndarray, n: int) -> None:
+    bad = (routing < 0) | (routing >= n)
+    if bad.any():
+        raise ValueError(f"routing indices must be regions in [0, {n}); got {sorted(set(routing[bad].tolist()))[:8]}")
+    ordered = np.sort(routing, axis=-1)
+    if (ordered[..., 1:] == ordered[..., :-1]).any():
+        raise ValueError("routing must route each query region to distinct regions; got a repeated index")
+
+
+def _route_ok(routing, n):
+    """Which routed slots count, ``[B, n, top_k]``: the reference's set of regions, so traced
+    indices outside ``[0, n)`` are dropped and a repeated index counts once."""
+    top_k = routing.shape[-1]
+    earlier = jnp.tril(jnp.ones((top_k, top_k), bool), -1)
+    repeated = ((routing[..., :, None] == routing[..., None, :]) & earlier).any(-1)
+    return (routing >= 0) & (routing < n) & ~repeated
 
 
 def _reference(q, k, v, routing, spatial, region, scale):
@@ -179,20 +205,28 @@ def _reference(q, k, v, routing, spatial, region, scale):
     return out.reshape(*q.shape[:-1], v.shape[-1])
 
 
-def _gathered(q, k, v, routing, spatial, region, scale):
-    """Attention of each query region over the keys/values of its routed regions, gathered."""
+def _gathered(q, k, v, routing, spatial, region, scale, checked: bool):
+    """Attention of each query region over the keys/values of its routed regions, gathered.
+    Unless ``checked`` (computed or concrete indices), slots the reference would not count
+    (outside ``[0, n)``, repeated) are masked."""
     qr, valid = _to_regions(q, region)  # [B, n, R, H, D], [n, R]
     kr, _ = _to_regions(k, region)
     vr, _ = _to_regions(v, region)
     B, n, R, H, D = qr.shape
     top_k = routing.shape[-1]
+    route_ok = None if checked else _route_ok(routing, n)
+    routing = routing if checked else jnp.clip(routing, 0, n - 1)
     gather = lambda x: jnp.take_along_axis(x, routing.reshape(B, n * top_k, 1, 1, 1), axis=1).reshape(
         B * n, top_k * R, *x.shape[3:]
     )
     kg, vg = gather(kr), gather(vr)  # [B * n, top_k * R, K, .]
     mask = None
-    if any(s % r for s, r in zip(spatial, region)):  # ragged sizes: padded keys must be masked
-        key_ok = valid[routing].reshape(B * n, top_k * R)
+    ragged = any(s % r for s, r in zip(spatial, region))
+    if ragged or route_ok is not None:  # padded keys and uncounted slots must be masked
+        key_ok = valid[routing] if ragged else jnp.ones(routing.shape + (R,), bool)  # [B, n, top_k, R]
+        if route_ok is not None:
+            key_ok = key_ok & route_ok[..., None]
+        key_ok = key_ok.reshape(B * n, top_k * R)
         mask = masks.document(jnp.zeros((B * n, R), jnp.int32), (~key_ok).astype(jnp.int32))
     out = attention(qr.reshape(B * n, R, H, D), kg, vg, mask=mask, scale=scale, implementation=GROUP_IMPLEMENTATION)
     return _from_regions(out.reshape(B, n, R, H, -1), spatial, region)

@@ -44,6 +44,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from attnjax import _checks, masks
 from attnjax.core import dispatch, tiling
+from attnjax.core.tiling import Shard
 from attnjax.ops.sparse.common import GROUP_IMPLEMENTATION, dense_reference
 from attnjax.core.dispatch import Implementation
 from attnjax.ops.attention.api import attention
@@ -56,6 +57,9 @@ class _Config:
     num_projections: int
     min_seq_len: int
     scale: float | None
+    heads: int  # of the whole problem (a shard's call holds some of them)
+    batch_ids: Array  # global index of each batch element, [B]
+    head_ids: Array  # global index of each query head, [H]
 
 
 def _heads(k, H):
@@ -69,7 +73,9 @@ def _plan(key, q, k, cfg):
     B, T, H, D = q.shape
     S = k.shape[1]
     k_hash, k_sample = jax.random.split(key)
-    proj = jax.random.normal(k_hash, (H, D, cfg.num_projections), jnp.float32)
+    # Randomness is a function of the key and *global* (batch, head) indices, so a shard of the
+    # batch or heads draws exactly its part of the unsharded op's hyperplanes and sample.
+    proj = jax.random.normal(k_hash, (cfg.heads, D, cfg.num_projections), jnp.float32)[cfg.head_ids]
     weights = 2 ** jnp.arange(cfg.num_projections - 1, -1, -1, dtype=jnp.int32)
 
     def bucket(x):  # [B, H, N, D] -> [B, H, N]
@@ -83,7 +89,9 @@ def _plan(key, q, k, cfg):
     rank = lambda perm: jnp.argsort(perm, axis=-1)  # position of each token in sorted order
     q_block, k_block = rank(q_perm) // bq, rank(k_perm) // bk
     m = min(cfg.sample_size, S)
-    sample = jnp.argsort(jax.random.uniform(k_sample, (B, H, S)), axis=-1)[..., :m]
+    draw = lambda b, h: jax.random.uniform(jax.random.fold_in(jax.random.fold_in(k_sample, b), h), (S,))
+    u = jax.vmap(lambda b: jax.vmap(lambda h: draw(b, h))(cfg.head_ids))(cfg.batch_ids)  # [B, H, S]
+    sample = jnp.argsort(u, axis=-1)[..., :m]
     return q_perm, k_perm, q_block, k_block, sample, (nb, bq, bk)
 
 
@@ -167,6 +175,7 @@ def hyper_attention(
     min_seq_len: int | None = None,
     scale: float | None = None,
     implementation: Implementation = None,
+    shard: Shard | None = None,
 ) -> Float[Array, "B T H E"]:
     """HyperAttention's estimate of softmax attention (see the module docstring).
 
@@ -182,6 +191,10 @@ def hyper_attention(
       scale: logit scale, default ``1 / sqrt(D)``.
       implementation: ``"reference"`` (the same estimate, dense: weights ``c_ij exp(s_ij)``) or
         ``"xla"``/None (sorted blocks and sampled columns gathered).
+      shard: for a call on some batch elements and heads of a larger problem
+        (:class:`attnjax.ops.Shard`, as :func:`attnjax.parallel.shard_op` passes it): the hashes
+        and the sample are drawn for the global batch and head indices, so the shards together
+        compute the unsharded estimate. The sequence cannot be sharded.
 
     >>> import jax, jax.numpy as jnp
     >>> from attnjax import ops
@@ -194,11 +207,20 @@ def hyper_attention(
     """
     B, T, S, H, K, D, E = _checks.check_qkv(q, k, v, same_length=causal)
     bucket_size = _checks.positive_int("bucket_size", bucket_size)
+    if shard is None:
+        shard = Shard.make(batch=B, heads=H, q_len=T, kv_len=S)
+    elif not isinstance(shard, Shard):
+        raise TypeError(f"shard must be an attnjax.ops.Shard or None; got {type(shard).__name__}")
+    elif (shard.q_len, shard.kv_len) != (T, S) or shard.batch < B or shard.heads < H:
+        raise ValueError(f"hyper_attention shards batch and heads only: shard (q_len={shard.q_len}, "
+                         f"kv_len={shard.kv_len}, batch={shard.batch}, heads={shard.heads}) does not fit "
+                         f"q [B={B}, T={T}, H={H}] and kv_len={S}")
     cfg = _Config(
         bucket_size, _checks.positive_int("sample_size", sample_size, allow_zero=True),
         _checks.positive_int("num_projections", num_projections),
         _checks.positive_int("min_seq_len", 2 * bucket_size if min_seq_len is None else min_seq_len),
-        scale,
+        scale, shard.heads, shard.batch_offset + jnp.arange(B, dtype=jnp.int32),
+        shard.global_heads(jnp.arange(H, dtype=jnp.int32)),
     )
 
     def reference():

@@ -20,11 +20,16 @@ E value head dim.
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from attnjax import _checks, masks
 from attnjax.core.dispatch import Implementation
+from attnjax.core.tiling import Shard
 from attnjax.ops.attention.api import attention
 
 
@@ -37,6 +42,7 @@ def moa_attention(
     beta,
     sinks: int = 0,
     implementation: Implementation = None,
+    shard: Shard | None = None,
     **attention_kwargs,
 ) -> Float[Array, "B T H E"]:
     """MoA attention: per-head spans ``alpha_h + beta_h * S`` plus ``sinks`` initial keys.
@@ -47,11 +53,15 @@ def moa_attention(
       sinks: how many initial keys every query also sees.
       implementation: ``"reference"`` (one dense call with the head-dependent mask) or
         ``"xla"``/``"pallas"``/None (one blockwise call per distinct span, skipping per head).
+      shard: where ``q``/``k``/``v`` sit in a larger problem (:class:`attnjax.ops.Shard`, as for
+        :func:`attnjax.ops.attention`; ``alpha``/``beta`` are then per *global* head).
       **attention_kwargs: more arguments of :func:`attnjax.ops.attention` (``scale``,
-        ``block_sizes``, ``normalizer``, ...; not ``mask``).
+        ``block_sizes``, ``normalizer``, ``dropout_rate``, ...; not ``mask``).
 
     Heads that share a span run together; with grouped-query attention their key/value heads are
-    gathered per query head for that call (a copy of ``S * D`` per head).
+    gathered per query head for that call (a copy of ``S * D`` per head). Each group's call is
+    told which global heads it holds (``Shard.head_ids``), so per-head masks, score mods and
+    dropout see the same head indices as the one dense call of the reference.
 
     >>> import jax, jax.numpy as jnp
     >>> from attnjax import ops
@@ -66,24 +76,38 @@ def moa_attention(
     if "mask" in attention_kwargs:
         raise TypeError("moa_attention builds its own mask; combine masks.moa(...) with ops.attention instead")
     mask = masks.moa(alpha, beta, sinks)
-    mask.check(B, H, T, S)
+    kv_len = S if shard is None else shard.kv_len
+    mask.check(B, H if shard is None else shard.heads, T, kv_len)
     if implementation == "reference":
-        return attention(q, k, v, mask=mask, implementation="reference", **attention_kwargs)
+        return attention(q, k, v, mask=mask, implementation="reference", shard=shard, **attention_kwargs)
+    outer = shard if shard is not None else Shard.make(batch=B, heads=H, q_len=T, kv_len=S)
+    global_heads = _global_heads(outer, H)
+    spans = mask.spans(kv_len)
     groups: dict[int, list[int]] = {}
-    for h, span in enumerate(mask.spans(S)):
-        groups.setdefault(span, []).append(h)
+    for h in range(H):  # local heads by the span of their global head (one group if traced)
+        groups.setdefault(0 if global_heads is None else spans[global_heads[h]], []).append(h)
     G = H // K
     outs, order = [], []
     for heads in groups.values():
-        idx = jnp.asarray(heads)
         if len(heads) == H:
-            qg, kg, vg = q, k, v
+            qg, kg, vg, sub = q, k, v, shard
         else:
-            kv_idx = jnp.asarray([h // G for h in heads])
+            idx, kv_idx = jnp.asarray(heads), jnp.asarray([h // G for h in heads])
             qg, kg, vg = q[:, :, idx], k[:, :, kv_idx], v[:, :, kv_idx]
-        sub = masks.moa([mask.alpha[h] for h in heads], [mask.beta[h] for h in heads], mask.sinks)
-        outs.append(attention(qg, kg, vg, mask=sub, implementation=implementation, **attention_kwargs))
+            ids = jnp.asarray([global_heads[h] for h in heads], jnp.int32)
+            sub = dataclasses.replace(outer, head_offset=jnp.zeros((), jnp.int32), head_ids=ids)
+        outs.append(attention(qg, kg, vg, mask=mask, implementation=implementation, shard=sub, **attention_kwargs))
         order.extend(heads)
     out = jnp.concatenate(outs, axis=2)
     inverse = [order.index(h) for h in range(H)]
     return out if inverse == list(range(H)) else out[:, :, jnp.asarray(inverse)]
+
+
+def _global_heads(shard: Shard, heads: int) -> list[int] | None:
+    """The global head of each local head as Python ints, or None if the shard's are traced."""
+    try:
+        offset = int(np.asarray(shard.head_offset))
+        ids = range(heads) if shard.head_ids is None else np.asarray(shard.head_ids).tolist()
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+    return [offset + int(i) for i in ids]
