@@ -218,6 +218,20 @@ def test_moa_group_calls_skip_their_own_tiles():
     assert (np.asarray(expected) != masks.EMPTY).sum() < (np.asarray(masks.collapse(m.block_map(T, T, 16, 16))) != masks.EMPTY).sum()
 
 
+def test_moa_groups_heads_by_span_under_jit_and_shards(monkeypatch):
+    """One call per distinct span also under jit and with a batch shard (static head indices)."""
+    from attnjax.ops.sparse import moa
+
+    calls = []
+    monkeypatch.setattr(moa, "attention", lambda q, *a, **kw: calls.append(q.shape[2]) or jnp.zeros(q.shape))
+    q = jnp.zeros((2, 16, 4, 8))
+    kw = dict(alpha=(2, 6, 2, 6), beta=(0.0,) * 4)
+    shard = ops.Shard.make(batch=4, heads=4, q_len=16, kv_len=16, batch_offset=jnp.int32(2))
+    jax.make_jaxpr(lambda q: ops.moa_attention(q, q, q, **kw))(q)
+    jax.make_jaxpr(lambda q: ops.moa_attention(q, q, q, shard=shard, **kw))(q)
+    assert calls == [2, 2, 2, 2]
+
+
 def test_moa_mask_in_generic_attention():
     q, k, v = GQA.qkv(jax.random.key(12))
     mask = masks.moa(**MOA)
