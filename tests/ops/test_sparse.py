@@ -205,6 +205,15 @@ def test_moa_dropout_differs_per_head_as_in_the_reference():
     _vjp(ops.moa_attention, GQA.qkv(jax.random.key(11)), block_sizes=ops.BlockSizes(8, 8), **kw)
 
 
+def test_moa_per_head_score_mod_as_in_the_reference():
+    """A per-head score mod (ALiBi slopes [H]) on the per-span calls: each group's heads get their
+    own slopes (the groups see global heads; it raised a shape error)."""
+    from attnjax import score_mods
+
+    _vjp(ops.moa_attention, GQA.qkv(jax.random.key(11)), block_sizes=ops.BlockSizes(8, 8),
+         score_mod=score_mods.alibi(score_mods.alibi_slopes(4)), **MOA)
+
+
 def test_moa_group_calls_skip_their_own_tiles():
     """A call holding heads 1 and 3 (``Shard.head_ids``) plans the tiles of those heads only."""
     from attnjax import normalizers
