@@ -345,8 +345,20 @@ def finite_or_zero(x: Array) -> tuple[Array, Array]:
     finite number is 0 (``0 * NaN`` would be NaN), and the poison goes into the logits, where
     the mask then removes it from masked entries and keeps it (NaN) in allowed ones."""
     ok = jnp.isfinite(x)
-    clean = jnp.where(ok, x, jnp.zeros((), x.dtype))
-    return clean, jnp.where(ok.all(-1), 0.0, jnp.nan).astype(jnp.float32)
+    return _zero_non_finite(x), jnp.where(ok.all(-1), 0.0, jnp.nan).astype(jnp.float32)
+
+
+@jax.custom_jvp
+def _zero_non_finite(x):
+    return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+
+
+@_zero_non_finite.defjvp
+def _zero_non_finite_jvp(primals, tangents):
+    # The identity's derivative: exact at finite entries, and a gradient "at" a NaN input means
+    # nothing. Unlike where's (a select by a saved mask), it costs the backward nothing.
+    (x,), (t,) = primals, tangents
+    return _zero_non_finite(x), t
 
 
 def guard(q: Float[Array, "B t H D"], k: Float[Array, "B s K D"], v: Float[Array, "B s K E"]):

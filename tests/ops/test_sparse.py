@@ -205,6 +205,15 @@ def test_moa_dropout_differs_per_head_as_in_the_reference():
     _vjp(ops.moa_attention, GQA.qkv(jax.random.key(11)), block_sizes=ops.BlockSizes(8, 8), **kw)
 
 
+def test_moa_per_head_score_mod_as_in_the_reference():
+    """A per-head score mod (ALiBi slopes [H]) on the per-span calls: each group's heads get their
+    own slopes (the groups see global heads; it raised a shape error)."""
+    from attnjax import score_mods
+
+    _vjp(ops.moa_attention, GQA.qkv(jax.random.key(11)), block_sizes=ops.BlockSizes(8, 8),
+         score_mod=score_mods.alibi(score_mods.alibi_slopes(4)), **MOA)
+
+
 def test_moa_group_calls_skip_their_own_tiles():
     """A call holding heads 1 and 3 (``Shard.head_ids``) plans the tiles of those heads only."""
     from attnjax import normalizers
@@ -216,6 +225,20 @@ def test_moa_group_calls_skip_their_own_tiles():
     expected = masks.collapse(m.block_map(T, T, 16, 16)[:, jnp.array([0, 2])])
     np.testing.assert_array_equal(np.asarray(tiling.tile_plan(problem, 16, 16)), np.asarray(expected))
     assert (np.asarray(expected) != masks.EMPTY).sum() < (np.asarray(masks.collapse(m.block_map(T, T, 16, 16))) != masks.EMPTY).sum()
+
+
+def test_moa_groups_heads_by_span_under_jit_and_shards(monkeypatch):
+    """One call per distinct span also under jit and with a batch shard (static head indices)."""
+    from attnjax.ops.sparse import moa
+
+    calls = []
+    monkeypatch.setattr(moa, "attention", lambda q, *a, **kw: calls.append(q.shape[2]) or jnp.zeros(q.shape))
+    q = jnp.zeros((2, 16, 4, 8))
+    kw = dict(alpha=(2, 6, 2, 6), beta=(0.0,) * 4)
+    shard = ops.Shard.make(batch=4, heads=4, q_len=16, kv_len=16, batch_offset=jnp.int32(2))
+    jax.make_jaxpr(lambda q: ops.moa_attention(q, q, q, **kw))(q)
+    jax.make_jaxpr(lambda q: ops.moa_attention(q, q, q, shard=shard, **kw))(q)
+    assert calls == [2, 2, 2, 2]
 
 
 def test_moa_mask_in_generic_attention():

@@ -92,6 +92,11 @@ def _keys(x, kt, bk):
     return lax.dynamic_slice_in_dim(x, kt * bk, bk, axis=1)
 
 
+def _may_mask(problem: Problem, k) -> bool:
+    """Whether some tile can be PARTIAL: a mask, a shard (keys outside the sequence) or padded keys."""
+    return problem.mask is not None or problem.shard is not None or k.shape[1] != problem.dims.kv_len
+
+
 def _tile_inputs(q_i, k, v, clean, kt, bk, masked: bool):
     """``(q, k, v)`` of key tile ``kt`` for query row tile ``q_i``: the raw inputs for a FULL tile
     (nothing is masked, so nothing to confine), for a PARTIAL tile those of ``clean`` (computed once
@@ -109,7 +114,8 @@ def _forward(tiles: tiling.Tiling, q, k, v, bias, problem: Problem, plan):
     normalizer, S = problem.normalizer, problem.lengths[1]
     bq, bk = tiles.block_q, tiles.block_k
     nq = q.shape[1] // bq
-    k_p, v_c = tiling.poison_keys(k, v)  # what PARTIAL tiles read: non-finite inputs stay masked
+    # What PARTIAL tiles read (non-finite inputs stay masked); nothing if no tile can be PARTIAL.
+    k_p, v_c = tiling.poison_keys(k, v) if _may_mask(problem, k) else (k, v)
 
     def tile_row(i):
         q_i = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)  # [B, bq, H, D]
@@ -192,7 +198,7 @@ def _backward(tiles: tiling.Tiling, differentiable: bool, q, k, v, bias, problem
     delta = (d_out * f32(out)).sum(-1).transpose(0, 2, 1) - d_lse
     lse = jnp.where(jnp.isneginf(lse), 0.0, lse)  # rows with no key: their p is 0 regardless
 
-    q_c, k_c, v_c = (tiling.finite_or_zero(x)[0] for x in (q, k, v))  # what PARTIAL tiles read
+    q_c, k_c, v_c = (tiling.finite_or_zero(x)[0] for x in (q, k, v)) if _may_mask(problem, k) else (q, k, v)
 
     def tile_row(carry, i):
         sl = lambda x, axis: lax.dynamic_slice_in_dim(x, i * bq, bq, axis=axis)

@@ -94,12 +94,12 @@ def _chunks(state, doc_prev, qc, kc, vc, dc, a, m):
     (:func:`chunk_steps`); ``state = (S [B, H, D, E], its poison [B, H])`` enters the first chunk.
 
     Non-finite inputs reach only the tokens that attend them (same document, at or after them):
-    ``q``, ``k``, ``v`` enter the products zeroed where non-finite, and a NaN *poison* for each
-    such token is added inside the exponents of the decay masks, where masking (``-inf``) removes
-    it from every entry that is not attended and keeps it in those that are (as
-    ``attnjax.core.tiling.guard`` does for softmax tiles). The state stays finite and carries its
-    poison beside it; both cross a document boundary by ``where`` (never a multiplication by 0),
-    and only the tokens of the document the entering state belongs to read them."""
+    ``q``, ``k``, ``v`` enter the products zeroed where non-finite, and each row's output gets the
+    NaN poison of what it attends (its own query; a non-finite key or value of its document
+    earlier in the chunk; the entering state's poison, in the exponent of its decay, which
+    ``-inf`` masks). The state stays finite and carries its poison beside it;
+    both cross a document boundary by ``where`` (never a multiplication by 0), and only the tokens
+    of the document the entering state belongs to read them."""
     C = qc.shape[3]
     qc, pq = finite_or_zero(qc)  # poison [B, H, g, C]
     kc, pk = finite_or_zero(kc)
@@ -111,10 +111,14 @@ def _chunks(state, doc_prev, qc, kc, vc, dc, a, m):
     allowed = (j[:, None] >= j[None, :]) & (dc[:, :, :, None] == dc[:, :, None, :])  # [B, g, C, C]
     # exp(-inf) for masked entries (not a where around exp): zero values and zero gradients.
     decay = log_power(ah[..., None], m[:, :, None] - m[:, None, :])  # [H, g, C, C]
-    poison = pq[..., :, None] + pkv[..., None, :]  # [B, H, g, C, C]
-    M = jnp.exp(jnp.where(allowed[:, None], decay + poison, -jnp.inf))  # [B, H, g, C, C]
+    M = jnp.exp(jnp.where(allowed[:, None], decay, -jnp.inf))  # [B, H, g, C, C]
     s = jnp.einsum("bhncd,bhnld->bhncl", qc, kc, precision=HI) * M
     out = jnp.einsum("bhncl,bhnle->bhnce", s, vc, precision=HI)
+    # Each row's poison: its own query's, and NaN if it attends a non-finite key or value of the
+    # chunk (a matrix-vector product with the mask, a C-th of the chunk's products).
+    seen = jnp.einsum("bncl,bhnl->bhnc", allowed.astype(jnp.float32), jnp.isnan(pkv).astype(jnp.float32),
+                      precision=HI)
+    out = out + (pq + jnp.where(seen > 0, jnp.nan, 0.0))[..., None]
 
     # Each chunk's contribution to the state after it: its last document's keys, decayed to the
     # end; its poison (NaN if one of those tokens is non-finite) is carried beside the state, so

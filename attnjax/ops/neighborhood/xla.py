@@ -83,8 +83,16 @@ def neighborhood_attention(q, k, v, axes: tuple[AxisWindow, ...], scale: float, 
         n_p = math.prod(p.d * p.nt for p in plans)
         return x.reshape(B, n_p, -1, *x.shape[-2:])
 
+    # Every (tile, halo) pair has masked entries: non-finite inputs must reach only the allowed
+    # ones, so a NaN pixel reaches only the queries whose window holds it. q, k, v are zeroed where
+    # non-finite once on the grid (O(N D), not per gathered halo): the products never see 0 * NaN.
+    # Each query's output then gets its poison (NaN or 0): its own query's, and NaN if its window
+    # holds a non-finite key or value (a product of the static mask with the halo's poisons).
+    (q, pq), (k, pk), (v, pv) = (tiling.finite_or_zero(x) for x in (q, k, v))
     qt = gather(q, lambda p: p.q_index)  # [B, P, Q, H, D]
-    kt = gather(k, lambda p: p.k_index)  # [B, P, W, K, D]
+    # The keys' flags ride along in the keys' gather (one more feature) rather than in their own.
+    kt = gather(jnp.concatenate([k, jnp.isnan(pk + pv)[..., None].astype(k.dtype)], -1), lambda p: p.k_index)
+    kt, bad = kt[..., :D], kt[..., D].astype(jnp.float32)  # [B, P, W, K, D], [B, P, W, K]
     vt = gather(v, lambda p: p.k_index)  # [B, P, W, K, E]
 
     # Combined mask [P, Q, W] as the AND of per-axis [d, nt, bq, span] tables (static).
@@ -98,17 +106,10 @@ def neighborhood_attention(q, k, v, axes: tuple[AxisWindow, ...], scale: float, 
     n_p = math.prod(p.d * p.nt for p in plans)
     ok = jnp.asarray(ok.reshape(n_p, math.prod(p.bq for p in plans), math.prod(p.span for p in plans)))
 
-    n_q, n_w = qt.shape[2], kt.shape[2]
-    # Every (tile, halo) pair has masked entries: confine non-finite inputs to the allowed ones
-    # (tiling.guard), so a NaN pixel reaches only the queries whose window holds it. Zeroing the
-    # gathered tiles costs O(halo * D) per tile against the O(tile * halo * D) products.
-    merged = lambda x: x.reshape(B * n_p, *x.shape[2:])
-    qt, kt, vt, poison = tiling.guard(merged(qt), merged(kt), merged(vt))  # poison [B P, H, Q, W]
-    qt, kt, vt = (x.reshape(B, n_p, *x.shape[1:]) for x in (qt, kt, vt))
-    qg = qt.reshape(B, n_p, n_q, K, H // K, D)
+    n_q, n_w, G = qt.shape[2], kt.shape[2], H // K
+    qg = qt.reshape(B, n_p, n_q, K, G, D)
     s = jnp.einsum("bpqkgd,bpwkd->bpkgqw", qg, kt, preferred_element_type=jnp.float32,
                    precision=precision(q.dtype)) * scale
-    s = s + poison.reshape(B, n_p, K, H // K, n_q, n_w)
     allowed = ok[None, :, None, None]  # [1, P, 1, 1, Q, W]
     s = jnp.where(allowed, s, _MASKED)
     # Every row has at least one allowed key (padded query rows take the window of the last real
@@ -119,6 +120,8 @@ def neighborhood_attention(q, k, v, axes: tuple[AxisWindow, ...], scale: float, 
     out = jnp.einsum("bpkgqw,bpwke->bpkgqe", p, vt, preferred_element_type=jnp.float32,
                      precision=precision(v.dtype))
     out = (out / l).transpose(0, 1, 4, 2, 3, 5)  # [B, P, Q, K, G, E]
+    seen = jnp.einsum("pqw,bpwk->bpqk", ok.astype(jnp.float32), bad, precision=lax.Precision.HIGHEST)
+    out = out + jnp.where(seen > 0, jnp.nan, 0.0)[..., None, None]
     out = out.reshape(B, *[x for p_ in plans for x in (p_.d, p_.nt)], *[p_.bq for p_ in plans], H, E)
     # [B, d0, nt0, d1, nt1, bq0, bq1, H, E] -> [B, (d0 nt0 bq0), (d1 nt1 bq1), H, E] -> grid
     order = [x for a in range(r) for x in (1 + 2 * a, 2 + 2 * a, 1 + 2 * r + a)]
@@ -126,4 +129,4 @@ def neighborhood_attention(q, k, v, axes: tuple[AxisWindow, ...], scale: float, 
     out = out.reshape(B, *[p_.d * p_.nt * p_.bq for p_ in plans], H, E)
     for a, p_ in enumerate(plans):
         out = jnp.take(out, jnp.asarray(p_.out_index), axis=1 + a)
-    return out.astype(q.dtype)
+    return (out + pq[..., None]).astype(q.dtype)  # a non-finite query poisons its own output

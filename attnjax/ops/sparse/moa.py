@@ -105,6 +105,8 @@ def moa_attention(
 
 def _global_heads(shard: Shard, heads: int) -> list[int] | None:
     """The global head of each local head as Python ints, or None if the shard's are traced."""
+    if shard.head_ids is None and shard.heads == heads:  # all the heads: the offset can only be 0
+        return list(range(heads))
     try:
         offset = int(np.asarray(shard.head_offset))
         ids = range(heads) if shard.head_ids is None else np.asarray(shard.head_ids).tolist()
