@@ -13,6 +13,7 @@ from flax import nnx
 from jaxtyping import Array
 
 from attnjax import nn
+from attnjax.nn import sharding
 from experiments.variants import LayerSpec, get as get_variant
 
 
@@ -26,10 +27,10 @@ class Model(nnx.Module):
         C, T = cfg.width, task.seq_len(cfg)
         self.per_token = task.per_token
         if task.vocab_size is not None:
-            self.embed = nnx.Embed(task.vocab_size, C, rngs=rngs)
+            self.embed = nnx.Embed(task.vocab_size, C, embedding_metadata=sharding.axes("vocab", "embed"), rngs=rngs)
         else:
-            self.embed = nnx.Linear(task.input_features, C, rngs=rngs)
-        self.position = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (T, C)))
+            self.embed = sharding.linear(task.input_features, C, (None, "embed"), rngs=rngs)
+        self.position = sharding.param(nnx.initializers.normal(0.02)(rngs.params(), (T, C)), None, "embed")
         variant = get_variant(cfg.variant)
         blocks = []
         for i in range(cfg.layers):
@@ -40,8 +41,8 @@ class Model(nnx.Module):
                 nn.TransformerBlock(C, cfg.heads, attention=attention, mlp_ratio=cfg.mlp_ratio, rngs=rngs)
             )
         self.blocks = nnx.List(blocks)
-        self.norm = nnx.LayerNorm(C, rngs=rngs)
-        self.head = nnx.Linear(C, task.num_outputs, rngs=rngs)
+        self.norm = sharding.layer_norm(C, rngs=rngs)
+        self.head = sharding.linear(C, task.num_outputs, ("embed", "vocab"), rngs=rngs)
 
     def __call__(self, inputs: Array) -> tuple[Array, Array]:
         x = self.embed(inputs) + self.position[...][: inputs.shape[1]]

@@ -76,16 +76,12 @@ def batch_sharding(mesh, x: np.ndarray) -> NamedSharding:
     return parallel.sharding(mesh, names)
 
 
-def param_sharding(mesh, x) -> NamedSharding:
-    """FSDP: the largest axis that the ``fsdp`` size divides is sharded over it; the rest replicated."""
-    n = mesh.shape["fsdp"]
-    spec = [None] * np.ndim(x)
-    if n > 1:
-        for axis in sorted(range(np.ndim(x)), key=lambda a: -x.shape[a]):
-            if x.shape[axis] % n == 0:
-                spec[axis] = "fsdp"
-                break
-    return NamedSharding(mesh, P(*spec))
+def param_shardings(mesh, params):
+    """FSDP and tensor parallelism from the parameters' logical axes (every ``attnjax.nn``
+    module names them) and ``attnjax.parallel.DEFAULT_RULES``: model features over ``fsdp``,
+    heads and MLP hidden features over ``tensor``; an axis a mesh axis does not divide stays
+    replicated."""
+    return parallel.param_shardings(params, mesh)
 
 
 def optimizer(cfg) -> optax.GradientTransformation:
@@ -281,7 +277,7 @@ def _run(cfg: config_lib.Config, quiet: bool, interrupt: _Interrupt, manager) ->
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = optimizer(cfg)
 
-    params = jax.device_put(params, jax.tree.map(lambda x: param_sharding(mesh, x), params))
+    params = jax.device_put(params, param_shardings(mesh, params))
     state = {"params": params, "opt": jax.jit(tx.init)(params), "step": jnp.zeros((), jnp.int32)}
     replicated = NamedSharding(mesh, P())
     shardings = jax.tree.map(

@@ -330,7 +330,7 @@ def test_sharded_meshes_match_single_device(tmp_path):
     """8 simulated devices: data x fsdp (parameters sharded) and data x context (ring attention
     through attnjax.parallel.shard_op) give the single-device losses."""
     single = train.run(_cfg("tiny_charlm", tmp_path / "one", "steps=3"), quiet=True)
-    for mesh in (["mesh_data=2", "mesh_fsdp=4"], ["mesh_data=2", "mesh_context=4"]):
+    for mesh in (["mesh_data=2", "mesh_fsdp=4"], ["mesh_data=2", "mesh_context=4"], ["mesh_fsdp=4", "mesh_tensor=2"]):
         cfg = _cfg("tiny_charlm", tmp_path / "-".join(mesh), "steps=3", *mesh)
         sharded = train.run(cfg, quiet=True)
         assert sharded["devices"] == 8

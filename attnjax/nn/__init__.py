@@ -8,7 +8,9 @@
 * :class:`TransformerBlock`: pre-norm or Hybrid-Norm residual block; :class:`QKNorm`,
   :class:`LayerScale`, :class:`OutputGate`, :class:`Mlp` pieces;
 * :func:`flax_attention_fn`: any attnjax op as ``flax.nnx.MultiHeadAttention(attention_fn=...)``;
-* :mod:`attnjax.nn.linen`: the modules as linen modules (``flax.nnx.bridge``).
+* :mod:`attnjax.nn.linen`: the modules as linen modules (``flax.nnx.bridge``);
+* :mod:`attnjax.nn.sharding`: every parameter names its logical axes, so
+  :func:`attnjax.parallel.param_shardings` shards a model for FSDP and tensor parallelism.
 
 The modules never reimplement attention math: each ``__call__`` is projections, an op call and
 an output projection, and the tests check exactly that.

@@ -13,6 +13,7 @@ from jaxtyping import Array, Float
 
 from attnjax import _checks, ops
 from attnjax.nn.layers import head_projections
+from attnjax.nn.sharding import depthwise_conv, param
 
 
 class AgentAttention(nnx.Module):
@@ -79,12 +80,14 @@ class AgentAttention(nnx.Module):
         self.query, self.key, self.value, self.out = head_projections(
             C, H, qkv // H, use_bias=use_bias, dtype=dtype, rngs=rngs)
         kernel = (_checks.positive_int("dwc_kernel", dwc_kernel),) * self.spatial
-        self.dwc = nnx.Conv(qkv, qkv, kernel, feature_group_count=qkv, padding="SAME", dtype=dtype, rngs=rngs)
+        # the qkv = H * D channels are heads-major, so "heads" splits them by heads
+        self.dwc = depthwise_conv(qkv, kernel, "heads", dtype=dtype, rngs=rngs)
         if agent_bias:
             p = (_checks.positive_int("bias_size", bias_size),) * self.spatial
             init = nnx.initializers.truncated_normal(0.02)
-            self.agent_bias_table = nnx.Param(init(rngs.params(), (H, N, *p)))
-            self.query_bias_table = nnx.Param(init(rngs.params(), (H, N, *p)))
+            names = ("heads", None, *(None,) * self.spatial)
+            self.agent_bias_table = param(init(rngs.params(), (H, N, *p)), *names)
+            self.query_bias_table = param(init(rngs.params(), (H, N, *p)), *names)
         else:
             self.agent_bias_table = nnx.data(None)
             self.query_bias_table = nnx.data(None)

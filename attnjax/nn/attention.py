@@ -17,7 +17,7 @@ from jaxtyping import Array, Float
 
 from attnjax import _checks, masks, ops
 from attnjax.masks import Mask
-from attnjax.nn.layers import OutputGate, QKNorm
+from attnjax.nn.layers import OutputGate, QKNorm, projection_axes
 
 
 def check_module_mask(mask) -> Mask | None:
@@ -136,15 +136,16 @@ class MultiHeadAttention(nnx.Module):
         self.attention_fn = attention_fn
         self.mask = mask
         H, K, D = num_heads, self.num_kv_heads, self.head_dim
-        lin = lambda out: nnx.LinearGeneral(
-            in_features, out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        lin = lambda out, heads: nnx.LinearGeneral(
+            in_features, out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            **projection_axes("embed", heads, "head_dim"),  # logical axes: attnjax.nn.sharding
         )
-        self.query, self.key, self.value = lin((H, D)), lin((K, D)), lin((K, D))
+        self.query, self.key, self.value = lin((H, D), "heads"), lin((K, D), "kv_heads"), lin((K, D), "kv_heads")
         self.qk_norm = QKNorm(D, rngs=rngs) if qk_norm else nnx.data(None)
         self.gate = OutputGate(in_features, H, D, dtype=dtype, rngs=rngs) if output_gate else nnx.data(None)
         self.out = nnx.LinearGeneral(
             (H, D), self.out_features, axis=(-2, -1), use_bias=use_bias, dtype=dtype,
-            param_dtype=param_dtype, rngs=rngs,
+            param_dtype=param_dtype, rngs=rngs, **projection_axes("heads", "head_dim", "embed", inputs=2),
         )
         self.cached_key: nnx.Cache | None = nnx.data(None)
         self.cached_value: nnx.Cache | None = nnx.data(None)

@@ -11,6 +11,7 @@ from attnjax import ops
 from attnjax.masks import Mask
 from attnjax.nn.attention import MultiHeadAttention
 from attnjax.nn.layers import LayerScale, Mlp
+from attnjax.nn.sharding import layer_norm
 
 NORMS = ("pre", "hybrid")
 
@@ -67,7 +68,7 @@ class TransformerBlock(nnx.Module):
             )
         self.attention = attention
         self.mlp = Mlp(in_features, ratio=mlp_ratio, dtype=dtype, rngs=rngs)
-        ln = lambda: nnx.LayerNorm(in_features, dtype=dtype, rngs=rngs)
+        ln = lambda: layer_norm(in_features, dtype=dtype, rngs=rngs)
         self.attn_in_norm, self.mlp_in_norm = ln(), ln()
         hybrid = norm == "hybrid"
         self.attn_out_norm = ln() if hybrid else nnx.data(None)

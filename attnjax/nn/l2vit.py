@@ -13,6 +13,7 @@ from jaxtyping import Array, Float
 from attnjax import _checks, ops
 from attnjax.nn.layers import Mlp, head_projections
 from attnjax.nn.maxvit import MultiAxisAttention
+from attnjax.nn.sharding import depthwise_conv, layer_norm
 
 
 class LocalConcentration(nnx.Module):
@@ -21,12 +22,13 @@ class LocalConcentration(nnx.Module):
     output on each token's neighbourhood. (The paper normalizes with BatchNorm; LayerNorm here
     keeps the module free of batch statistics.)"""
 
-    def __init__(self, features: int, *, kernel: int = 7, dtype=None, rngs: nnx.Rngs):
+    def __init__(self, features: int, *, kernel: int = 7, axis: str | None = "heads", dtype=None, rngs: nnx.Rngs):
         C = _checks.positive_int("features", features)
         kk = (_checks.positive_int("kernel", kernel),) * 2
-        conv = lambda: nnx.Conv(C, C, kk, feature_group_count=C, padding="SAME", dtype=dtype, rngs=rngs)
+        # ``axis``: the logical axis of the C features (heads x head_dim flattened, as in L2ViT)
+        conv = lambda: depthwise_conv(C, kk, axis, dtype=dtype, rngs=rngs)
         self.conv1, self.conv2 = conv(), conv()
-        self.norm = nnx.LayerNorm(C, dtype=dtype, rngs=rngs)
+        self.norm = layer_norm(C, axis, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: Float[Array, "B h w C"]) -> Float[Array, "B h w C"]:
         return self.conv2(self.norm(jax.nn.gelu(self.conv1(x))))
@@ -119,9 +121,9 @@ class L2ViTBlock(nnx.Module):
             self.attn = LinearGlobalAttention(num_heads, C, **kw)
         else:
             raise ValueError(f"L2ViTBlock kind must be 'local' or 'global'; got {kind!r}")
-        self.cpe = nnx.Conv(C, C, (3, 3), feature_group_count=C, padding="SAME", dtype=dtype, rngs=rngs)
-        self.norm1 = nnx.LayerNorm(C, dtype=dtype, rngs=rngs)
-        self.norm2 = nnx.LayerNorm(C, dtype=dtype, rngs=rngs)
+        self.cpe = depthwise_conv(C, (3, 3), "embed", dtype=dtype, rngs=rngs)
+        self.norm1 = layer_norm(C, dtype=dtype, rngs=rngs)
+        self.norm2 = layer_norm(C, dtype=dtype, rngs=rngs)
         self.mlp = Mlp(C, ratio=mlp_ratio, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: Float[Array, "B h w C"]) -> Float[Array, "B h w C"]:

@@ -10,6 +10,7 @@ from jaxtyping import Array, Float
 
 from attnjax import _checks, ops
 from attnjax.nn.layers import Mlp, head_projections
+from attnjax.nn.sharding import layer_norm
 
 
 class MultiAxisAttention(nnx.Module):
@@ -98,7 +99,7 @@ class MaxViTBlock(nnx.Module):
         kw = dict(implementation=implementation, dtype=dtype, rngs=rngs)
         self.block = MultiAxisAttention(num_heads, C, window=window, **kw)
         self.grid = MultiAxisAttention(num_heads, C, grid=grid, **kw)
-        norm = lambda: nnx.LayerNorm(C, dtype=dtype, rngs=rngs)
+        norm = lambda: layer_norm(C, dtype=dtype, rngs=rngs)
         self.norms = nnx.List([norm() for _ in range(4)])
         self.mlps = nnx.List([Mlp(C, ratio=mlp_ratio, dtype=dtype, rngs=rngs) for _ in range(2)])
 

@@ -11,6 +11,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from attnjax import _checks, ops
+from attnjax.nn.sharding import linear, param
 
 
 class MegaLayer(nnx.Module):
@@ -58,15 +59,16 @@ class MegaLayer(nnx.Module):
             _checks.positive_int("chunk_size", chunk_size)
         self.features, self.qk_dim, self.v_dim = C, Z, E
         self.chunk_size, self.is_causal, self.implementation = chunk_size, is_causal, implementation
-        normal = lambda std, shape: nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32))
+        normal = lambda std, shape: param(std * jax.random.normal(rngs.params(), shape, jnp.float32), "embed", None)
         self.alpha_logit, self.delta_logit = normal(0.2, (C, N)), normal(0.2, (C, N))
         self.beta, self.eta = normal(0.02, (C, N)), normal(N ** -0.5, (C, N))
-        self.value = nnx.Linear(C, E, dtype=dtype, rngs=rngs)
-        # One projection of X' for Z, the reset gate, the update gate and the H candidate.
-        self.mix = nnx.Linear(C, Z + E + 2 * C, dtype=dtype, rngs=rngs)
-        self.h_proj = nnx.Linear(E, C, use_bias=False, dtype=dtype, rngs=rngs)
-        self.qk_scale = nnx.Param(1.0 + 0.02 * jax.random.normal(rngs.params(), (2, Z), jnp.float32))
-        self.qk_offset = nnx.Param(jnp.zeros((2, Z), jnp.float32))
+        self.value = linear(C, E, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+        # One projection of X' for Z, the reset gate, the update gate and the H candidate (its
+        # outputs are sliced apart, so only its input axis is sharded).
+        self.mix = linear(C, Z + E + 2 * C, ("embed", None), dtype=dtype, rngs=rngs)
+        self.h_proj = linear(E, C, ("mlp", "embed"), use_bias=False, dtype=dtype, rngs=rngs)
+        self.qk_scale = param(1.0 + 0.02 * jax.random.normal(rngs.params(), (2, Z), jnp.float32), None, None)
+        self.qk_offset = param(jnp.zeros((2, Z), jnp.float32), None, None)
 
     def ema(self, x: Float[Array, "B T C"]) -> Float[Array, "B T C"]:
         alpha, delta = jax.nn.sigmoid(self.alpha_logit[...]), jax.nn.sigmoid(self.delta_logit[...])

@@ -13,6 +13,7 @@ from attnjax import _checks, ops
 from attnjax.masks import Mask
 from attnjax.nn.attention import check_module_mask, combine_masks
 from attnjax.nn.layers import head_projections
+from attnjax.nn.sharding import linear
 
 
 class MoHAttention(nnx.Module):
@@ -64,7 +65,7 @@ class MoHAttention(nnx.Module):
         self.implementation = implementation
         self.query, self.key, self.value, self.out = head_projections(
             C, H, qkv // H, use_bias=use_bias, dtype=dtype, rngs=rngs)
-        router = lambda n: nnx.Linear(C, n, use_bias=False, dtype=dtype, rngs=rngs)
+        router = lambda n: linear(C, n, ("embed", None), use_bias=False, dtype=dtype, rngs=rngs)
         self.routed_router = router(H - hs)
         self.shared_router = router(hs) if hs else nnx.data(None)
         self.mix_router = router(2) if hs else nnx.data(None)

@@ -13,6 +13,7 @@ from attnjax import _checks, masks, ops
 from attnjax.masks import Mask
 from attnjax.nn.attention import check_module_mask
 from attnjax.nn.layers import head_projections
+from attnjax.nn.sharding import param, rms_norm
 
 
 class MultiTokenAttention(nnx.Module):
@@ -57,15 +58,15 @@ class MultiTokenAttention(nnx.Module):
         self.query, self.key, self.value, self.out = head_projections(
             C, H, qkv // H, use_bias=use_bias, dtype=dtype, rngs=rngs)
         # Identity kernel: weight 1 on the query itself (offset 0) and the key itself (centre).
-        self.kernel = nnx.Param(jnp.zeros((H, cq, ck), jnp.float32).at[:, 0, ck // 2].set(1.0))
+        self.kernel = param(jnp.zeros((H, cq, ck), jnp.float32).at[:, 0, ck // 2].set(1.0), "heads", None, None)
         if head_group is None:
             self.head_mix = nnx.data(None)
         else:
             ch = _checks.positive_int("head_group", head_group)
             if H % ch:
                 raise ValueError(f"head_group={ch} must divide num_heads={H}")
-            self.head_mix = nnx.Param(jnp.tile(jnp.eye(ch, dtype=jnp.float32), (H // ch, 1, 1)))
-        self.norm = nnx.RMSNorm(qkv // H, dtype=dtype, rngs=rngs)
+            self.head_mix = param(jnp.tile(jnp.eye(ch, dtype=jnp.float32), (H // ch, 1, 1)), None, None, None)
+        self.norm = rms_norm(qkv // H, "head_dim", dtype=dtype, rngs=rngs)
 
     def attend(self, q: Array, k: Array, v: Array) -> Array:
         """The op on projected ``[B, T, H, D]`` tensors, with this layer's kernel and mixing."""

@@ -11,6 +11,7 @@ from jaxtyping import Array, Float
 
 from attnjax import _checks, ops
 from attnjax.nn.layers import head_projections
+from attnjax.nn.sharding import axes
 
 
 class Centroids(nnx.Variable):
@@ -61,7 +62,8 @@ class RoutingAttention(nnx.Module):
         self.implementation = implementation
         self.query, self.key, self.value, self.out = head_projections(
             C, H, qkv // H, use_bias=use_bias, dtype=dtype, rngs=rngs)
-        self.centroids = Centroids(ops.routing_init(rngs.params(), H, num_clusters, qkv // H))
+        self.centroids = Centroids(ops.routing_init(rngs.params(), H, num_clusters, qkv // H),
+                                   **axes("heads", None, "head_dim"))
 
     def __call__(self, x: Float[Array, "B T C"], *, update: bool = False) -> Float[Array, "B T C"]:
         if x.ndim != 3 or x.shape[-1] != self.in_features:

@@ -14,6 +14,7 @@ from attnjax import _checks, masks, ops
 from attnjax.masks import Mask
 from attnjax.nn.attention import check_module_mask
 from attnjax.nn.layers import head_projections
+from attnjax.nn.sharding import linear, param
 
 
 class SelectiveAttention(nnx.Module):
@@ -63,9 +64,9 @@ class SelectiveAttention(nnx.Module):
         self.query, self.key, self.value, self.out = head_projections(
             C, H, D, kv_heads=K, use_bias=use_bias, dtype=dtype, rngs=rngs)
         zeros = nnx.initializers.zeros
-        self.query_temperature = nnx.Linear(C, H, kernel_init=zeros, dtype=dtype, rngs=rngs)
-        self.value_temperature = nnx.Linear(C, K, kernel_init=zeros, dtype=dtype, rngs=rngs)
-        self.position_scale = nnx.Param(jnp.zeros((H,), jnp.float32))
+        self.query_temperature = linear(C, H, ("embed", "heads"), kernel_init=zeros, dtype=dtype, rngs=rngs)
+        self.value_temperature = linear(C, K, ("embed", "kv_heads"), kernel_init=zeros, dtype=dtype, rngs=rngs)
+        self.position_scale = param(jnp.zeros((H,), jnp.float32), "heads")
 
     def temperatures(self, x: Float[Array, "B T C"]):
         """``(tau_q [B, T, H], nu [B, T, K])``."""

@@ -10,11 +10,12 @@ from attnjax.parallel.recurrent import lightning_context_parallel, linear_contex
 from attnjax.parallel.ring import merge, ring_attention, unzigzag, zigzag
 from attnjax.parallel.ulysses import ulysses_attention
 from attnjax.parallel.rules import (
-    DEFAULT_RULES, LOGICAL_AXES, as_rules, axis_size, make_mesh, mesh_axes, sharding, spec,
+    DEFAULT_RULES, LOGICAL_AXES, as_rules, axis_size, make_mesh, mesh_axes, param_shardings, sharding, spec,
 )
 
 __all__ = [
-    "DEFAULT_RULES", "LOGICAL_AXES", "as_rules", "axis_size", "make_mesh", "mesh_axes", "sharding", "spec",
+    "DEFAULT_RULES", "LOGICAL_AXES", "as_rules", "axis_size", "make_mesh", "mesh_axes", "param_shardings",
+    "sharding", "spec",
     "shard_op", "ring_attention", "merge", "zigzag", "unzigzag", "ulysses_attention",
     "halo_neighborhood_attention", "lightning_context_parallel", "linear_context_parallel",
 ]
