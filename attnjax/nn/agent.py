@@ -16,6 +16,21 @@ from attnjax.nn.layers import head_projections
 from attnjax.nn.sharding import depthwise_conv, param
 
 
+def resize_bias(table: Array, size: tuple[int, ...]) -> Array:
+    """Resizes the trailing axes of ``table`` to ``size`` by (bi)linear interpolation as the
+    official code does (``torch.nn.functional.interpolate(mode="bilinear")``, i.e. half-pixel
+    centres, ``align_corners=False``, no antialiasing), also when ``size`` is smaller than the
+    table. (``jax.image.resize`` antialiases when downsampling unless told not to, which would
+    average a 7x7 table differently from the official model on small grids.)
+
+    >>> import jax.numpy as jnp
+    >>> resize_bias(jnp.arange(4.0)[None], (2,))  # no antialiasing: samples at 0.5 and 2.5
+    Array([[0.5, 2.5]], dtype=float32)
+    """
+    shape = (*table.shape[: table.ndim - len(size)], *size)
+    return jax.image.resize(table, shape, method="linear", antialias=False)
+
+
 class AgentAttention(nnx.Module):
     r"""Agent attention with the paper's agent biases and depthwise convolution on V.
 
@@ -29,7 +44,8 @@ class AgentAttention(nnx.Module):
       (1-D input ``[B, T, C]``, ``agents=int``) or over the grid (2-D input ``[B, h, w, C]``,
       ``agents=(n_h, n_w)``; the paper uses 7x7 = 49);
     * agent biases: learned tables ``[H, N, p]`` (1-D) or ``[H, N, p, p]`` (2-D), ``p =
-      bias_size``, resized bilinearly to the input's length or grid: ``B_A[h, n, s]`` for the
+      bias_size``, resized bilinearly (as the official code: :func:`resize_bias`, no
+      antialiasing) to the input's length or grid: ``B_A[h, n, s]`` for the
       agent step and ``B_Q[h, t, n]`` for the query step (the paper's interpolated agent biases;
       its extra per-row/column terms for one fixed resolution are left out so any input size
       works);
@@ -97,7 +113,7 @@ class AgentAttention(nnx.Module):
         if self.agent_bias_table is None:
             return None, None
         H, N = self.num_heads, self.num_agents
-        resize = lambda t: jax.image.resize(t[...], (H, N, *grid), method="bilinear").reshape(H, N, -1)
+        resize = lambda t: resize_bias(t[...], grid).reshape(H, N, -1)
         agent_bias = resize(self.agent_bias_table)[None]
         query_bias = resize(self.query_bias_table).transpose(0, 2, 1)[None]
         return agent_bias, query_bias
