@@ -113,3 +113,14 @@ def head_features(num_heads, in_features, qkv_features=None) -> tuple[int, int, 
     if qkv % H:
         raise ValueError(f"qkv_features={qkv} must be divisible by num_heads={H}")
     return H, C, qkv
+
+
+CONVENTIONS = ("paper", "official")
+
+
+def convention(value) -> str:
+    """An op's ``convention=``: ``"paper"`` (the paper's equations) or ``"official"`` (the
+    released code's form, where the two differ; each op documents how)."""
+    if value not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}; got {value!r}")
+    return value

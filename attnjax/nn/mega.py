@@ -30,6 +30,12 @@ class MegaLayer(nnx.Module):
     Mega-chunk (``O(T c)``; the EMA still spans the whole sequence). ``alpha = sigmoid(a)``,
     ``delta = sigmoid(d)`` keep the EMA stable. Causal by default (language modelling).
 
+    Porting the released Mega's EMA (``MultiHeadEMA``): its parameter names are swapped relative
+    to the paper (see :func:`attnjax.ops.damped_ema`, ``convention="official"``), so its
+    ``delta -> alpha_logit``, ``alpha -> delta_logit``, ``beta[..., 0] -> beta``,
+    ``gamma / sqrt(N) -> eta``; its ``omega`` residual and ``silu`` after the EMA are not part of
+    this layer.
+
     >>> import jax
     >>> from flax import nnx
     >>> from attnjax import nn

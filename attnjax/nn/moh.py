@@ -28,6 +28,13 @@ class MoHAttention(nnx.Module):
     ``W_h``. Returns ``(y, aux_loss)``: add ``aux_weight * aux_loss`` (the paper: 0.01) to the
     training loss to balance the routed heads.
 
+    ``convention="official"`` computes the gates and the loss as the released MoH code does
+    (renormalized top-k gates scaled by ``top_k``, shared gates by ``num_shared_heads``, the
+    balance by 2, the loss by ``H_r``; :func:`attnjax.ops.moh_attention`), to run its
+    checkpoints; ``"paper"`` (default) follows the paper's equations. Official weights map as
+    ``wg -> routed_router``, ``wg_1 -> shared_router``, ``wg_0 -> mix_router`` (transposed,
+    torch ``Linear`` stores ``[out, in]``).
+
     >>> import jax
     >>> from flax import nnx
     >>> from attnjax import masks, nn
@@ -48,6 +55,7 @@ class MoHAttention(nnx.Module):
         mask: Mask | None = None,
         skip_unselected: bool = False,
         block_q: int = 64,
+        convention: str = "paper",
         use_bias: bool = False,
         implementation=None,
         dtype=None,
@@ -63,6 +71,7 @@ class MoHAttention(nnx.Module):
         self.num_heads, self.num_shared_heads, self.head_dim, self.in_features = H, hs, qkv // H, C
         self.mask, self.skip_unselected, self.block_q = check_module_mask(mask), skip_unselected, block_q
         self.implementation = implementation
+        self.convention = _checks.convention(convention)
         self.query, self.key, self.value, self.out = head_projections(
             C, H, qkv // H, use_bias=use_bias, dtype=dtype, rngs=rngs)
         router = lambda n: linear(C, n, ("embed", None), use_bias=False, dtype=dtype, rngs=rngs)
@@ -84,6 +93,6 @@ class MoHAttention(nnx.Module):
         res = ops.moh_attention(
             q, k, v, routed, top_k=self.top_k, shared_logits=shared, mix_logits=mix,
             mask=combine_masks(self.mask, mask), skip_unselected=self.skip_unselected,
-            block_q=self.block_q, implementation=self.implementation,
+            block_q=self.block_q, convention=self.convention, implementation=self.implementation,
         )
         return self.out(res.out), res.aux_loss

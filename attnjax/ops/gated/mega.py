@@ -15,6 +15,16 @@ with ``alpha, delta in (0, 1)^N``. Unrolled, this is a causal convolution
 (:func:`ema_kernel`), which the efficient path applies by FFT in ``O(C T log T)``; the reference
 runs the recurrence step by step (``O(C N T)``, sequential).
 
+**Conventions** (``convention=``). ``"paper"`` (default): ``alpha`` is the weight of the new
+input and ``delta`` the damping, as in the equation above. ``"official"``: the parameter names of
+the released code (facebookresearch/mega, ``MultiHeadEMA`` as released with the checkpoints),
+which are swapped: there ``p = sigmoid(self.delta)`` weighs the input and ``sigmoid(self.alpha)``
+damps (``q = 1 - p * sigmoid(self.alpha)``). So with ``"official"`` pass ``alpha =
+sigmoid(ema.alpha)`` and ``delta = sigmoid(ema.delta)`` under their own names; the op swaps them.
+The rest of an official checkpoint maps as ``beta = ema.beta[..., 0]``,
+``eta = ema.gamma * sqrt(1 / N)``; the official layer then adds ``omega * x`` and applies
+``silu`` (``silu(EMA(x) + omega * x)``), which is not part of this op.
+
 **Attention.** Mega's attention is single-headed (shared ``Q``/``K`` from the EMA output, see
 :class:`attnjax.nn.MegaLayer`); its linear-time variant splits the sequence into chunks of
 ``c`` and attends within each (``O(T c)``): :func:`mega_attention` is
@@ -76,6 +86,7 @@ def damped_ema(
     beta: Float[Array, "C N"],
     eta: Float[Array, "C N"],
     *,
+    convention: str = "paper",
     implementation: Implementation = None,
 ) -> Float[Array, "B T C"]:
     r"""Mega's multi-dimensional damped EMA along the sequence (causal; see the module docstring).
@@ -85,6 +96,8 @@ def damped_ema(
       alpha, delta: ``[C, N]`` in ``(0, 1]`` (Mega keeps them as ``sigmoid`` of parameters;
         checked when concrete).
       beta: ``[C, N]`` expansion; ``eta``: ``[C, N]`` projection.
+      convention: ``"paper"`` or ``"official"`` (``alpha`` and ``delta`` named as the released
+        code names them, i.e. swapped; see the module docstring).
       implementation: ``"reference"`` (the recurrence, ``lax.scan`` over ``T``), ``"xla"``
         (FFT convolution with :func:`ema_kernel`, ``O(C T log T)``), ``None`` (the scan on CPU,
         where it is faster; the FFT on accelerators) or a sequence.
@@ -113,6 +126,8 @@ def damped_ema(
     if T == 0:
         raise ValueError(f"x must have at least one position; got shape {x.shape}")
     check_ema_rates(alpha, delta)
+    if _checks.convention(convention) == "official":
+        alpha, delta = delta, alpha  # the official names are swapped relative to the paper
     f32 = lambda a: jnp.asarray(a, jnp.float32)
     params = tuple(map(f32, (alpha, delta, beta, eta)))
 

@@ -23,6 +23,15 @@ the fraction of tokens that selected head ``h`` and ``P_h`` the mean routing pro
 ``softmax(r^r)_h`` over tokens (``B * T`` of them). It is ``top_k / H_r`` when routing is
 uniform; add it to the training loss with a small weight (the paper uses 0.01).
 
+**Conventions** (``convention=``). ``"paper"`` (default) is the equations above.
+``"official"`` is the released code (SkyworkAI/MoH, ``MoH-ViT``/``MoH-LLaMA3``), which differs:
+routed gates are renormalized over the ``top_k`` kept heads and scaled by ``top_k``
+(``g_routed = top_k * p * 1[sel] / max(sum_sel p, eps)``), shared gates are scaled by ``H_s``
+(``H_s softmax(r^s)``, or ``H_s`` per head without shared logits), ``alpha`` by 2
+(``2 softmax(r^m)``), and the auxiliary loss is ``H_r * sum_h f_h P_h`` (its
+``mean(f * P) * H_r^2``), which is 1 (not ``top_k / H_r``) for uniform routing. Use it to run
+MoH checkpoints: the two forms give different outputs for the same router weights.
+
 **Skipping unselected heads** (``skip_unselected=True``). Queries are cut into blocks of
 ``block_q`` rows; for every (batch element, query block, head) whose gates are all zero (no token
 of the block selected the head), the head's attention for that block is not computed (a
@@ -72,31 +81,40 @@ def moh_gates(
     shared_logits: Float[Array, "B T Hs"] | None = None,
     mix_logits: Float[Array, "B T 2"] | None = None,
     num_shared: int = 0,
+    convention: str = "paper",
 ) -> tuple[Float[Array, "B T H"], Float[Array, ""]]:
     """The gates ``g [B, T, H_s + H_r]`` (shared heads first) and the load-balance loss.
 
-    Shared gates are ``softmax(shared_logits)`` (ones if ``shared_logits`` is None); routed gates
-    ``softmax(routed_logits)`` kept on the ``top_k`` largest (not renormalized, as in the paper);
-    ``mix_logits`` (softmax over its two entries) scales shared and routed gates.
+    ``convention="paper"``: shared gates are ``softmax(shared_logits)`` (ones if
+    ``shared_logits`` is None); routed gates ``softmax(routed_logits)`` kept on the ``top_k``
+    largest (not renormalized, as in the paper); ``mix_logits`` (softmax over its two entries)
+    scales shared and routed gates; aux ``sum_h f_h P_h``. ``convention="official"``: the
+    released code's gates and loss (see the module docstring).
     """
+    official = _checks.convention(convention) == "official"
     p = jax.nn.softmax(routed_logits.astype(jnp.float32), axis=-1)  # [B, T, Hr]
     hr = p.shape[-1]
     _, idx = lax.top_k(routed_logits.astype(jnp.float32), top_k)
     selected = jax.nn.one_hot(idx, hr, dtype=jnp.float32).sum(-2)  # [B, T, Hr] in {0, 1}
     g_routed = p * selected
+    if official:  # renormalized over the kept heads (the sum clamped at eps), times top_k
+        kept = jnp.maximum(g_routed.sum(-1, keepdims=True), jnp.finfo(jnp.float32).eps)
+        g_routed = g_routed / kept * top_k
     if num_shared:
         if shared_logits is None:
             g_shared = jnp.ones((*p.shape[:-1], num_shared), jnp.float32)
         else:
             g_shared = jax.nn.softmax(shared_logits.astype(jnp.float32), axis=-1)
+        if official:
+            g_shared = g_shared * num_shared
     else:
         g_shared = jnp.zeros((*p.shape[:-1], 0), jnp.float32)
     if mix_logits is not None:
-        alpha = jax.nn.softmax(mix_logits.astype(jnp.float32), axis=-1)
+        alpha = jax.nn.softmax(mix_logits.astype(jnp.float32), axis=-1) * (2.0 if official else 1.0)
         g_shared, g_routed = g_shared * alpha[..., :1], g_routed * alpha[..., 1:]
     f = selected.reshape(-1, hr).mean(0)  # fraction of tokens choosing each head (no gradient)
     P = p.reshape(-1, hr).mean(0)
-    aux = jnp.sum(lax.stop_gradient(f) * P)
+    aux = jnp.sum(lax.stop_gradient(f) * P) * (hr if official else 1.0)
     return jnp.concatenate([g_shared, g_routed], axis=-1), aux
 
 
@@ -112,6 +130,7 @@ def moh_attention(
     mask: Mask | None = None,
     skip_unselected: bool = False,
     block_q: int = 64,
+    convention: str = "paper",
     implementation: Implementation = None,
     **attention_kwargs,
 ) -> MoHOutput:
@@ -131,6 +150,8 @@ def moh_attention(
       mask: an :mod:`attnjax.masks` mask (bottom-right aligned, as in :func:`attention`).
       skip_unselected: skip (batch element, query block, head) triples that no token selected.
       block_q: the query block size of ``skip_unselected``.
+      convention: ``"paper"`` (the paper's gates and loss) or ``"official"`` (the released
+        code's: renormalized, scaled gates; see the module docstring).
       implementation: passed to :func:`attnjax.ops.attention`.
       **attention_kwargs: more arguments of :func:`attnjax.ops.attention` (``scale``,
         ``normalizer``, ``block_sizes``; ``bias`` and ``score_mod`` only without skipping).
@@ -174,7 +195,8 @@ def moh_attention(
             raise ValueError("mix_logits balances shared and routed heads, but there are no shared heads")
     block_q = _checks.positive_int("block_q", block_q)
 
-    gates, aux = moh_gates(routed_logits, top_k, shared_logits, mix_logits, num_shared=hs)
+    gates, aux = moh_gates(routed_logits, top_k, shared_logits, mix_logits, num_shared=hs,
+                           convention=_checks.convention(convention))
     if skip_unselected:
         if attention_kwargs.get("bias") is not None:
             raise NotImplementedError("moh_attention(skip_unselected=True) does not support bias=")

@@ -19,6 +19,17 @@ earlier queries (``a >= 0``) and the keys it borrows from are zeroed unless the 
 Head mixing (``W``, ``[H / c_h, c_h, c_h]``) acts on groups of ``c_h`` consecutive heads after the
 softmax. The paper's group normalization of the outputs belongs to the module around the op.
 
+**Conventions** (``convention=``). ``"paper"`` (default) reads ``kernel`` and ``head_mix`` as in
+the equations above. ``"official"`` reads them as the released code stores them
+(facebookresearch/RAM ``projects/mta``): ``kernel`` ``[H, c_q, c_k]`` is the weight of its
+``F.conv2d`` (a cross-correlation over logits padded by ``c_q - 1`` earlier queries and
+``(c_k - 1) / 2`` keys on each side, ``pad_key="both"``, so ``c_k`` is odd), i.e. both kernel
+axes reversed: ``theta[h, a, b] = kernel[h, c_q - 1 - a, c_k - 1 - b]``, its identity at
+``[h, c_q - 1, c_k // 2]``; ``head_mix`` multiplies from the right
+(``A'_j = sum_i W[g, i, j] A_i``, ``torch.matmul(scores.transpose(1, -1), head_kernel)``), the
+transpose of ``W`` above. The maths is the same; only the parameter layout differs, so official
+checkpoints load without flipping by hand.
+
 Cost: the ``[T, S]`` logits are formed (like the paper's implementation): ``O(T S (D + c_q c_k))``
 time and ``O(T S)`` memory per head. ``"reference"`` writes the double sum as shifted copies;
 ``"xla"`` uses one grouped ``lax.conv_general_dilated``. Positions are aligned bottom-right.
@@ -52,6 +63,7 @@ def multi_token_attention(
     head_mix: Float[Array, "G ch ch"] | None = None,
     mask: Mask | None = None,
     scale: float | None = None,
+    convention: str = "paper",
     implementation: Implementation = None,
 ) -> Float[Array, "B T H E"]:
     r"""Multi-token attention: key-query convolution over the logits, then head mixing.
@@ -66,6 +78,8 @@ def multi_token_attention(
       mask: an :mod:`attnjax.masks` mask, applied before (as zeros) and after (as exclusions)
         the convolution.
       scale: logit scale, default ``1 / sqrt(D)``.
+      convention: ``"paper"`` or ``"official"``: the layout of ``kernel`` and ``head_mix``
+        (module docstring).
       implementation: ``"reference"`` (shifted copies), ``"xla"`` (grouped convolution),
         ``None`` or a sequence.
 
@@ -100,6 +114,8 @@ def multi_token_attention(
             raise TypeError(f"mask must be an attnjax.masks mask or None; got {type(mask).__name__}")
         mask.check(B, H, T, S)
     scale = default_scale(D, scale)
+    if _checks.convention(convention) == "official":
+        kernel, head_mix = official_to_paper(kernel, head_mix)
 
     def run(convolve):
         def fn():
@@ -120,6 +136,22 @@ def multi_token_attention(
 
     impls = {"reference": run(_conv_shifts), "xla": run(_conv_xla)}
     return dispatch.run("multi_token_attention", impls, implementation)
+
+
+def official_to_paper(kernel, head_mix):
+    """``(theta, W)`` in this module's layout from the official code's ``(mta_kernel [H, c_q, c_k],
+    head_kernel [G, c_h, c_h])`` (either may be None): both kernel axes reversed, ``W``
+    transposed. Official kernels pad keys symmetrically, so ``c_k`` must be odd."""
+    if kernel is not None:
+        if kernel.shape[-1] % 2 == 0:
+            raise ValueError(
+                f"convention='official' pads keys by (c_k - 1) / 2 on each side, so c_k must be odd; "
+                f"got kernel of shape {kernel.shape}"
+            )
+        kernel = kernel[:, ::-1, ::-1]
+    if head_mix is not None:
+        head_mix = jnp.swapaxes(head_mix, -1, -2)
+    return kernel, head_mix
 
 
 def _conv_shifts(s: Array, theta: Array) -> Array:

@@ -20,6 +20,16 @@ the routing held fixed (the indices are computed under ``stop_gradient``).
 Ragged sizes are padded to whole regions: padded keys are masked, region means count real
 tokens only, padded queries are dropped.
 
+**Conventions** (``convention=``). ``"paper"`` (default) is the above. ``"official"`` is the
+released code (rayleizhu/BiFormer, ``BiLevelRoutingAttention``), which differs in two places:
+the default logit scale is ``qk_dim ** -0.5`` with ``qk_dim = H * D`` the width of all heads
+together (not one head's ``D``), and with ``auto_pad`` ragged maps are zero-padded to whole
+regions and the padded tokens are then ordinary tokens: they count in the region means and are
+attended as keys (outputs at padded positions are cropped). Here padding happens after the
+projections, so padded tokens are zeros; the official code pads *before* its ``qkv`` linear, so
+its padded tokens are the projection's bias. For projections with a bias, pad ``x`` yourself,
+project, and call the op on the padded (whole-region) map, as the official code does.
+
 Letter legend: B batch, T = S tokens, H heads, K key/value heads, D head dim, E value head dim,
 n regions, R tokens per region.
 """
@@ -93,11 +103,13 @@ def bilevel_routing(
     *,
     region_size: int | tuple[int, int],
     top_k: int,
+    convention: str = "paper",
 ) -> Int[Array, "B n top_k"]:
     """The routed regions ``[B, n, top_k]`` of every query region (most affine first).
 
     Affinity is ``mean-query(i) . mean-key(j)`` summed over heads (query head ``h`` with key head
-    ``h // (H // K)``); it is computed under ``stop_gradient``.
+    ``h // (H // K)``); it is computed under ``stop_gradient``. Region means count real tokens
+    only (``convention="paper"``) or the zero padding too (``"official"``).
 
     >>> import jax
     >>> from attnjax import ops
@@ -112,6 +124,8 @@ def bilevel_routing(
     top_k = _checks.positive_int("top_k", top_k)
     if top_k > n:
         raise ValueError(f"top_k={top_k} must be <= the number of regions n={n}")
+    if _checks.convention(convention) == "official":  # padded zeros count in the means
+        valid = jnp.ones_like(valid)
     w = (valid / valid.sum(1, keepdims=True))[None, :, :, None, None]
     q_mean, k_mean = (qr * w).sum(2), (kr * w).sum(2)  # [B, n, H|K, D]
     affinity = scores(q_mean, k_mean, 1.0).sum(1)  # [B, n, n]
@@ -127,6 +141,7 @@ def biformer_attention(
     top_k: int,
     routing: Int[Array, "B n top_k"] | None = None,
     scale: float | None = None,
+    convention: str = "paper",
     implementation: Implementation = None,
 ) -> Float[Array, "B *N H E"]:
     """Bi-level routing attention over 1-D ``[B, T, H, D]`` or 2-D ``[B, X, Y, H, D]`` tokens.
@@ -138,7 +153,10 @@ def biformer_attention(
       routing: precomputed :func:`bilevel_routing` indices (default: computed from q, k):
         distinct regions in ``[0, regions)`` per query region (checked when concrete; traced
         indices outside the range are dropped and repeats count once, as in the reference).
-      scale: logit scale, default ``1 / sqrt(D)``.
+      scale: logit scale, default ``1 / sqrt(D)`` (``"paper"``) or ``1 / sqrt(H * D)``
+        (``"official"``).
+      convention: ``"paper"`` or ``"official"`` (the released code's scale and padding; module
+        docstring).
       implementation: ``"reference"`` (dense attention under the mask of allowed region pairs) or
         ``"xla"``/None (gather the routed regions' keys and values, attend within them).
 
@@ -158,6 +176,16 @@ def biformer_attention(
     flat = lambda x: x.reshape(x.shape[0], -1, *x.shape[-2:])
     _checks.check_qkv(flat(q), flat(k), flat(v), same_length=True)
     spatial, region = _sizes(q, region_size)
+    if _checks.convention(convention) == "official":
+        if scale is None:
+            scale = 1.0 / math.sqrt(q.shape[-2] * q.shape[-1])  # qk_dim ** -0.5, all heads together
+        # Zero-pad to whole regions; the padded tokens are then ordinary tokens (region means,
+        # keys), as with the official auto_pad. Outputs at padded positions are dropped.
+        pads = [(0, -s % r) for s, r in zip(spatial, region)]
+        pad = lambda x: jnp.pad(x, ((0, 0), *pads, (0, 0), (0, 0)))
+        out = biformer_attention(pad(q), pad(k), pad(v), region_size=region, top_k=top_k, routing=routing,
+                                 scale=scale, implementation=implementation)
+        return out[(slice(None), *(slice(0, s) for s in spatial))]
     n = math.prod(-(-s // r) for s, r in zip(spatial, region))
     checked = routing is None  # bilevel_routing's indices are in range and distinct
     if routing is None:
