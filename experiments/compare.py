@@ -19,8 +19,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from experiments import config, tasks, train, variants
-from experiments.bench import common
+from . import config, tasks, train, variants
+from .bench import common
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 TASK_CONFIGS = {"charlm": "tiny_charlm", "mqar": "mqar", "digits": "digits"}

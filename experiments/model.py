@@ -13,7 +13,8 @@ from flax import nnx
 from jaxtyping import Array
 
 from attnjax import nn
-from experiments.variants import LayerSpec, get as get_variant
+
+from .variants import LayerSpec, get as get_variant
 
 
 class Model(nnx.Module):

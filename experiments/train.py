@@ -44,8 +44,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from attnjax import parallel
-from experiments import config as config_lib, tasks, ui
-from experiments.model import Model, loss_and_metrics
+
+from . import config as config_lib, tasks, ui
+from .model import Model, loss_and_metrics
 
 
 class TrainingError(RuntimeError):

@@ -118,7 +118,7 @@ def main(platform_name: str) -> None:
     parser.add_argument("--out", default=None, help="write the JSON here instead of benchmarks/results/")
     args = parser.parse_args()
     try:
-        module = importlib.import_module(f"experiments.bench.{args.suite}")
+        module = importlib.import_module(f"{__package__}.{args.suite}")
     except ModuleNotFoundError:
         parser.error(f"unknown suite {args.suite!r}")
     entry = getattr(module, platform_name, None)

@@ -6,7 +6,7 @@
 (every tenth file held out). Meant for an accelerator (minutes on one GPU); hours on a laptop CPU.
 """
 
-from experiments.config import Config
+from ..config import Config
 
 
 def config() -> Config:

@@ -8,7 +8,7 @@ For the variants that see structure: ``agent`` (a 4x4 grid of agents), ``neighbo
 validation accuracy on a fixed 20% split (359 images).
 """
 
-from experiments.config import Config
+from ..config import Config
 
 
 def config() -> Config:

@@ -7,7 +7,7 @@ recall gets harder for fixed-state attentions as the sequence grows). 600 steps 
 a couple of minutes on a 2-core CPU. The metric is recall accuracy on the queried values.
 """
 
-from experiments.config import Config
+from ..config import Config
 
 
 def config() -> Config:

@@ -8,7 +8,7 @@ loss (nats per byte and bits per byte); writes runs/tiny_charlm/{metrics.jsonl,c
 Try ``--override variant=linear`` (or sigmoid, lightning, neighborhood, moh).
 """
 
-from experiments.config import Config
+from ..config import Config
 
 
 def config() -> Config:
