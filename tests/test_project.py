@@ -55,6 +55,10 @@ def test_cpu_benchmark_smoke(tmp_path):
     rows = result["rows"]
     assert {r["implementation"] for r in rows} == {"reference", "xla", "jax.nn"}
     assert all("seconds" in r and r["seconds"] > 0 for r in rows), rows
+    # provenance a reader can check, and the log-log plot beside the JSON
+    assert result["command"].startswith("python -m experiments.bench.cpu attention")
+    assert len(result["git"]["commit"]) == 40 and len(result["load_average"]["start"]) == 3
+    assert out.with_suffix(".png").stat().st_size > 0
 
 
 @pytest.mark.slow
@@ -71,3 +75,4 @@ def test_gpu_benchmark_dry_run_on_cpu(tmp_path):
     assert all("error" not in r for r in rows), rows
     assert all(r["max_error_vs_reference"] < 0.05 for r in rows), rows
     assert suites["lightning"]["rows"] and suites["neighborhood"]["rows"]
+    assert all((tmp_path / f"all-{name}.png").exists() for name in ("flash", "lightning"))
