@@ -55,6 +55,8 @@ class Config:
     keep_checkpoints: int = 2
     out_dir: str = "runs/run"
     plot: bool = True
+    tensorboard: bool = False               # also write metrics as TensorBoard events (out_dir/tensorboard)
+    sample: int = 160                       # bytes of text printed at the end of a charlm run (0: none)
     # device mesh: the product of the four sizes must divide the number of devices
     mesh_data: int = 1
     mesh_fsdp: int = 1
@@ -68,7 +70,7 @@ class Config:
 
 RESUMABLE = frozenset({
     # labels and outputs
-    "name", "out_dir", "plot",
+    "name", "out_dir", "plot", "tensorboard", "sample",
     # how long to train: more steps continue the run (the learning-rate schedule then spans the new
     # `steps` from the resumed step on); fewer than the checkpoint's step is refused by train.run
     "steps",
@@ -155,11 +157,12 @@ def override(cfg: Config, overrides: typing.Sequence[str]) -> Config:
             raise ValueError(f"override {item!r} must look like key=value")
         if key not in hints:
             raise ValueError(f"unknown config key {key!r}; known keys: {', '.join(sorted(hints))}")
-        changes[key] = _parse(key, text.strip(), hints[key])
+        changes[key] = parse(key, text.strip(), hints[key])
     return dataclasses.replace(cfg, **changes)
 
 
-def _parse(key: str, text: str, kind):
+def parse(key: str, text: str, kind):
+    """``text`` as a value of config key ``key`` of type ``kind`` (``none`` for an optional key)."""
     optional = type(None) in typing.get_args(kind)
     base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
     if optional and text.lower() in ("none", "null", ""):

@@ -26,7 +26,7 @@ def test_ci_runs_the_readme_test_command():
     assert test_command == setup[1]
     assert any(block.strip() == compile_command for block in blocks[1:]), "README documents CI's compile step"
     assert compile_command.endswith("python -m pytest -m compile")
-    assert setup[0].endswith("python -m experiments.train --config experiments/configs/tiny_charlm.py")
+    assert setup[0].endswith("python -m experiments.train --config tiny_charlm")
 
 
 def test_readme_demo_is_the_tiny_charlm_config():
@@ -36,7 +36,7 @@ def test_readme_demo_is_the_tiny_charlm_config():
 
     path = ROOT / "experiments" / "configs" / "tiny_charlm.py"
     cfg = config.load(path)
-    assert "python -m experiments.train --config experiments/configs/tiny_charlm.py" in path.read_text()
+    assert "python -m experiments.train --config tiny_charlm" in path.read_text()
     assert cfg.task == "charlm" and cfg.layers * cfg.width * cfg.steps <= 2 * 64 * 300
 
 
