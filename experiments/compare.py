@@ -2,27 +2,28 @@
 Attention Benchmarking on Long Sequence Modeling", Zhang et al. 2023: same model, same steps,
 same data for every variant).
 
-    python -m experiments.compare                      # ~10 minutes on a 2-core CPU
-    python -m experiments.compare --variants softmax linear --tasks mqar --steps 50
+    python -m experiments.compare                      # 3 seeds: ~30 minutes on a 2-core CPU
+    python -m experiments.compare --variants softmax linear --tasks mqar --steps 50 --seeds 0 1
 
 Each (variant, task) pair the variant can serve is trained from its config file
-(``experiments/configs/{tiny_charlm,mqar,digits}.py``) for the same number of steps; the result
-is a JSON record, a markdown table and a PNG (quality: final validation loss; speed: training
-tokens/s after compilation) under ``benchmarks/results/compare-<backend>-<date>.*``.
+(``experiments/configs/{tiny_charlm,mqar,digits}.py``) for the same number of steps, once per
+seed (the seed draws the initial parameters and the batches); the result is a JSON record (one
+row per run, and the spread per pair), a markdown table (mean, standard deviation and range over
+seeds) and a PNG (quality: final validation loss; speed: training tokens/s after compilation;
+error bars: the seeds' range) under ``benchmarks/results/compare-<backend>-<date>.*``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import statistics
 import tempfile
 from pathlib import Path
 
-from experiments import config, tasks, train, variants
-from experiments.bench import common
+from . import config, tasks, train, variants
+from .bench import common
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
 TASK_CONFIGS = {"charlm": "tiny_charlm", "mqar": "mqar", "digits": "digits"}
 DEFAULT_VARIANTS = ("softmax", "sigmoid", "linear", "lightning", "agent")
 # Steps per task: one budget for every variant (small enough for a CPU; rank, not convergence).
@@ -39,42 +40,79 @@ def grid(variant_names, task_names):
                 yield v, t
 
 
-def run_grid(variant_names, task_names, *, steps: int | None, out_dir: Path, extra=()) -> list[dict]:
+def run_grid(variant_names, task_names, *, steps: int | None, out_dir: Path, extra=(),
+             seeds=(0,)) -> list[dict]:
     rows = []
-    pairs = list(grid(variant_names, task_names))
-    for i, (v, t) in enumerate(pairs):
+    runs = [(v, t, seed) for v, t in grid(variant_names, task_names) for seed in seeds]
+    for i, (v, t, seed) in enumerate(runs):
         n = steps or STEPS[t]
-        cfg = config.load(CONFIGS / f"{TASK_CONFIGS[t]}.py", [
+        cfg = config.load(TASK_CONFIGS[t], [
             f"variant={v}", f"steps={n}", f"eval_every={n}", f"warmup={max(1, n // 10)}",
-            "checkpoint_every=0", "plot=false", f"out_dir={out_dir / f'{t}-{v}'}", *extra,
+            "checkpoint_every=0", "plot=false", f"out_dir={out_dir / f'{t}-{v}-{seed}'}", *extra,
+            f"seed={seed}",
         ])
-        print(f"[{i + 1}/{len(pairs)}] {t} / {v}: {n} steps", flush=True)
+        print(f"[{i + 1}/{len(runs)}] {t} / {v} / seed {seed}: {n} steps", flush=True)
         s = train.run(cfg, quiet=True)
         row = {k: s[k] for k in ("task", "variant", "steps", "valid_loss", "metric", "valid_metric",
                                  "tokens_per_s", "parameters", "seconds")}
+        row["seed"] = seed
         row["model"] = f"{cfg.layers} layers, width {cfg.width}, {cfg.heads} heads, batch {cfg.batch_size}"
         rows.append(row)
         print("   " + train.one_line(s), flush=True)
     return rows
 
 
+def _stats(values: list[float]) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"n": 0}
+    return {"n": len(values), "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "min": min(values), "max": max(values)}
+
+
+def spread(rows: list[dict]) -> list[dict]:
+    """Per (task, variant), over its seeds: mean, sample standard deviation, min and max of the
+    validation loss, the task metric and tokens/s."""
+    pairs = dict.fromkeys((r["task"], r["variant"]) for r in rows)
+    out = []
+    for t, v in pairs:
+        mine = [r for r in rows if r["task"] == t and r["variant"] == v]
+        out.append({"task": t, "variant": v, "steps": mine[0]["steps"], "metric": mine[0]["metric"],
+                    "parameters": mine[0]["parameters"], "seeds": [r.get("seed") for r in mine],
+                    **{key: _stats([r[key] for r in mine]) for key in ("valid_loss", "valid_metric", "tokens_per_s")}})
+    return out
+
+
 def markdown(rows: list[dict], record: dict) -> str:
     env = record["environment"]
     models = "; ".join(sorted({f"{r['task']}: {r['model']}" for r in rows}))
+    git = record.get("git", {})
+    commit = (git.get("commit") or "none")[:10] + (" with uncommitted changes" if git.get("dirty") else "")
+    load = record.get("load_average", {})
     lines = [
         f"# Attention variants under one budget ({record['date'][:10]})", "",
         f"`{record['command']}` on {env['cpu']} ({env['cores']} cores, backend {env['backend']}, "
-        f"jax {env['versions']['jax']}). Same model, data and steps for every variant of a task "
+        f"jax {env['versions']['jax']}), commit {commit}, 1-minute load average "
+        f"{load.get('start', ['?'])[0]} at the start and {load.get('end', ['?'])[0]} at the end. "
+        f"Same model, data and steps for every variant of a task "
         f"({models}); quality is the final validation loss (nats; lower is better) and the "
-        "task's metric; speed is training tokens/s after compilation. Small CPU budgets rank the "
+        "task's metric; speed is training tokens/s after compilation. Each cell is the mean ± "
+        "sample standard deviation over the seeds, then their range [min, max]: a difference "
+        "smaller than the spread is not a ranking. Small CPU budgets rank the "
         "variants early in training; they are not converged results.", "",
-        "| task | variant | steps | valid loss | metric | tokens/s | parameters |",
-        "| --- | --- | ---: | ---: | --- | ---: | ---: |",
+        "| task | variant | steps | seeds | valid loss | metric | tokens/s | parameters |",
+        "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
-    for r in rows:
-        speed = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "n/a"
-        lines.append(f"| {r['task']} | {r['variant']} | {r['steps']} | {r['valid_loss']:.4f} | "
-                     f"{r['metric']} {r['valid_metric']:.3f} | {speed} | {r['parameters']:,} |")
+
+    def cell(s: dict, fmt: str) -> str:
+        if not s.get("n"):
+            return "n/a"
+        return f"{s['mean']:{fmt}} ± {s['std']:{fmt}} [{s['min']:{fmt}}, {s['max']:{fmt}}]"
+
+    for r in spread(rows):
+        lines.append(f"| {r['task']} | {r['variant']} | {r['steps']} | {len(r['seeds'])} | "
+                     f"{cell(r['valid_loss'], '.4f')} | {r['metric']} {cell(r['valid_metric'], '.3f')} | "
+                     f"{cell(r['tokens_per_s'], ',.0f')} | {r['parameters']:,} |")
     return "\n".join(lines) + "\n"
 
 
@@ -87,18 +125,21 @@ def plot(rows: list[dict], path: Path) -> Path:
 
     task_names = list(dict.fromkeys(r["task"] for r in rows))
     variant_names = list(dict.fromkeys(r["variant"] for r in rows))
+    stats = {(r["task"], r["variant"]): r for r in spread(rows)}
     width = 0.8 / len(variant_names)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, label in ((axes[0], "valid_loss", "final validation loss (nats, lower is better)"),
                            (axes[1], "tokens_per_s", "training tokens/s (higher is better)")):
         for j, v in enumerate(variant_names):
-            xs, ys = [], []
+            xs, ys, lo, hi = [], [], [], []
             for i, t in enumerate(task_names):
-                hit = [r for r in rows if r["task"] == t and r["variant"] == v and r[key]]
-                if hit:
+                s = stats.get((t, v), {}).get(key, {})
+                if s.get("n"):
                     xs.append(i + (j - (len(variant_names) - 1) / 2) * width)
-                    ys.append(hit[0][key])
-            ax.bar(xs, ys, width, label=v)
+                    ys.append(s["mean"])
+                    lo.append(s["mean"] - s["min"])
+                    hi.append(s["max"] - s["mean"])
+            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=v)  # error bars: the seeds' range
         ax.set_xticks(np.arange(len(task_names)), task_names)
         ax.set_title(label)
     axes[0].legend(fontsize=8)
@@ -118,6 +159,8 @@ def main(argv=None) -> None:
                         help="steps per run (default: per task, see STEPS)")
     parser.add_argument("--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="config overrides applied to every run")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="seeds per pair (default 0 1 2; --quick: 0 1): the table shows their spread")
     parser.add_argument("--quick", action="store_true", help="a few steps of a tiny model: a smoke test")
     parser.add_argument("--out", default=None, help="write the JSON here (the .md and .png beside it)")
     args = parser.parse_args(argv)
@@ -125,12 +168,17 @@ def main(argv=None) -> None:
     if args.quick:
         args.steps = args.steps or 3
         extra += ["layers=1", "width=32", "heads=2", "seq_len=64", "batch_size=8", "eval_batches=1"]
-    load_before = os.getloadavg()[0]  # a busy machine makes tokens/s noisy: say so in the record
+    seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
     with tempfile.TemporaryDirectory(prefix="attnjax-compare-") as tmp:
-        rows = run_grid(args.variants, args.tasks, steps=args.steps, out_dir=Path(tmp), extra=extra)
-    summary = {f"{r['task']}/{r['variant']}": round(r["valid_loss"], 4) for r in rows}
-    load = {"before": load_before, "after": os.getloadavg()[0]}
-    path = common.save("compare", {"rows": rows, "summary": summary, "load_average": load}, args)
+        rows = run_grid(args.variants, args.tasks, steps=args.steps, out_dir=Path(tmp), extra=extra,
+                        seeds=seeds)
+    pairs = spread(rows)
+    summary = {f"{r['task']}/{r['variant']}": {"valid_loss_mean": round(r["valid_loss"]["mean"], 4),
+                                               "valid_loss_std": round(r["valid_loss"]["std"], 4)}
+               for r in pairs}
+    # the record's load average (common.provenance) says how busy the machine was: tokens/s noise
+    path = common.save("compare", {"seeds": seeds, "rows": rows, "spread": pairs, "summary": summary}, args,
+                       plot=False)
 
 
     record = json.loads(path.read_text())

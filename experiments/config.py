@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib
 import importlib.util
 import json
 import typing
@@ -54,6 +55,8 @@ class Config:
     keep_checkpoints: int = 2
     out_dir: str = "runs/run"
     plot: bool = True
+    tensorboard: bool = False               # also write metrics as TensorBoard events (out_dir/tensorboard)
+    sample: int = 160                       # bytes of text printed at the end of a charlm run (0: none)
     # device mesh: the product of the four sizes must divide the number of devices
     mesh_data: int = 1
     mesh_fsdp: int = 1
@@ -67,7 +70,7 @@ class Config:
 
 RESUMABLE = frozenset({
     # labels and outputs
-    "name", "out_dir", "plot",
+    "name", "out_dir", "plot", "tensorboard", "sample",
     # how long to train: more steps continue the run (the learning-rate schedule then spans the new
     # `steps` from the resumed step on); fewer than the checkpoint's step is refused by train.run
     "steps",
@@ -99,24 +102,48 @@ def resume_conflicts(saved: dict, cfg: Config) -> list[str]:
             if key not in RESUMABLE and saved.get(key, defaults[key]) != value]
 
 
-def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
-    """Runs ``config()`` from the file at ``path`` and applies ``key=value`` overrides."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file {str(path)!r} does not exist")
-    spec = importlib.util.spec_from_file_location(f"_attnjax_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+CONFIGS = Path(__file__).resolve().parent / "configs"
+"""The named configs (``experiments/configs/<name>.py``; inside a wheel ``attnjax/experiments/configs``)."""
+
+
+def names() -> list[str]:
+    """The names ``--config`` accepts besides a path: ``["charlm", "digits", "mqar", "tiny_charlm"]``."""
+    return sorted(p.stem for p in CONFIGS.glob("*.py") if p.stem != "__init__")
+
+
+def load(config: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """Runs ``config()`` from a named config (``"tiny_charlm"``, see :func:`names`) or from the
+    file at a path, and applies ``key=value`` overrides."""
+    module, where = _config_module(config)
     if not callable(getattr(module, "config", None)):
-        raise ValueError(
-            f"config file {str(path)!r} must define config() returning an experiments.config.Config"
-        )
+        raise ValueError(f"config {where} must define config() returning an experiments.config.Config")
     cfg = module.config()
     if not isinstance(cfg, Config):
         raise TypeError(
-            f"config() in {str(path)!r} must return an experiments.config.Config; got {type(cfg).__name__}"
+            f"config() in {where} must return an experiments.config.Config; got {type(cfg).__name__}"
         )
     return override(cfg, overrides)
+
+
+def _config_module(config: str | Path):
+    """The module of a config and how to name it in errors. A named config (or a path to one) is
+    imported as the package's module, so it can import :class:`Config` relatively wherever the
+    package is installed; any other file is run from its path."""
+    text = str(config)
+    if "/" not in text and "\\" not in text and not text.endswith(".py"):
+        if text not in names():
+            raise ValueError(f"unknown config {text!r}; named configs: {', '.join(names())} "
+                             "(or give a path to a file defining config())")
+        return importlib.import_module(f"{__package__}.configs.{text}"), repr(text)
+    path = Path(config)
+    if not path.is_file():
+        raise ValueError(f"config file {text!r} does not exist")
+    if path.resolve().parent == CONFIGS and path.stem != "__init__":
+        return importlib.import_module(f"{__package__}.configs.{path.stem}"), repr(text)
+    spec = importlib.util.spec_from_file_location(f"_attnjax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, f"file {text!r}"
 
 
 def override(cfg: Config, overrides: typing.Sequence[str]) -> Config:
@@ -130,11 +157,12 @@ def override(cfg: Config, overrides: typing.Sequence[str]) -> Config:
             raise ValueError(f"override {item!r} must look like key=value")
         if key not in hints:
             raise ValueError(f"unknown config key {key!r}; known keys: {', '.join(sorted(hints))}")
-        changes[key] = _parse(key, text.strip(), hints[key])
+        changes[key] = parse(key, text.strip(), hints[key])
     return dataclasses.replace(cfg, **changes)
 
 
-def _parse(key: str, text: str, kind):
+def parse(key: str, text: str, kind):
+    """``text`` as a value of config key ``key`` of type ``kind`` (``none`` for an optional key)."""
     optional = type(None) in typing.get_args(kind)
     base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
     if optional and text.lower() in ("none", "null", ""):
@@ -156,7 +184,7 @@ def _parse(key: str, text: str, kind):
 
 def validate(cfg: Config, device_count: int) -> None:
     """Raises ``ValueError`` for a config that cannot run: cheap checks, before any compiling."""
-    from experiments import tasks, variants
+    from . import tasks, variants
 
     task = tasks.get(cfg.task, cfg)
     variant = variants.get(cfg.variant)

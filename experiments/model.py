@@ -14,7 +14,8 @@ from jaxtyping import Array
 
 from attnjax import nn
 from attnjax.nn import sharding
-from experiments.variants import LayerSpec, get as get_variant
+
+from .variants import LayerSpec, get as get_variant
 
 
 class Model(nnx.Module):

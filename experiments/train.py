@@ -1,6 +1,8 @@
 """Train a model on a task with any attnjax attention variant.
 
-    python -m experiments.train --config experiments/configs/tiny_charlm.py [--override key=value ...]
+    python -m experiments.train --config tiny_charlm [--steps 100 --variant linear ...]
+    attnjax-train --config tiny_charlm          # the same, from an installed wheel
+    python -m experiments.train --help          # every config key with its type and default
 
 flax.nnx for the model, optax for the optimizer, orbax for checkpoints (periodic, the newest
 ``keep_checkpoints`` kept, each with the run's resolved config), and a device mesh with axes
@@ -11,8 +13,10 @@ flax.nnx for the model, optax for the optimizer, orbax for checkpoints (periodic
 
 Batch ``step`` is a pure function of ``(seed, step)``, so a resumed run sees exactly the
 batches the uninterrupted run would have seen. A run writes ``out_dir/metrics.jsonl`` (one row
-per step, one per evaluation), ``out_dir/curves.png`` and ``out_dir/summary.json``, and prints a
-one-line summary with the validation loss.
+per step, one per evaluation), ``out_dir/curves.png``, ``out_dir/summary.json`` and with
+``tensorboard=true`` TensorBoard event files in ``out_dir/tensorboard``; shows a tqdm progress
+bar with its ETA, and at the end prints a one-line summary with the validation loss, for the
+character-level LM a short generated sample, and the files it wrote.
 
 A run whose ``out_dir`` holds checkpoints resumes from the newest one that reads (an unreadable
 one is skipped with a warning), if the config differs from the stored one only in keys of
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import gc
 import json
@@ -34,6 +39,7 @@ import signal
 import sys
 import threading
 import types
+import typing
 from pathlib import Path
 
 import jax
@@ -44,8 +50,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from attnjax import parallel
-from experiments import config as config_lib, tasks, ui
-from experiments.model import Model, loss_and_metrics
+
+from . import config as config_lib, tasks, ui
+from .model import Model, loss_and_metrics
 
 
 class TrainingError(RuntimeError):
@@ -331,7 +338,8 @@ def _run(cfg: config_lib.Config, quiet: bool, interrupt: _Interrupt, manager) ->
     log = ui.MetricsLog(out / "metrics.jsonl", resume_step=start if start else None)
     valid = [jax.device_put(b, b_shardings) for b in task.valid_batches(cfg)]
     tokens_per_step = cfg.batch_size * task.seq_len(cfg)
-    bar = None if quiet else ui.ProgressBar(cfg.steps)
+    bar = None if quiet else ui.ProgressBar(cfg.steps, initial=start)
+    board = ui.TensorBoard(out / "tensorboard") if cfg.tensorboard else None
     if start and not quiet:
         longer = (f"; steps {saved['steps']} -> {cfg.steps}: the learning-rate schedule now spans {cfg.steps}"
                   if saved.get("steps", cfg.steps) != cfg.steps else "")
@@ -399,6 +407,8 @@ def _run(cfg: config_lib.Config, quiet: bool, interrupt: _Interrupt, manager) ->
                         bar.update(done, loss=rows[-1 - eval_now]["loss"], tokens_per_s=speed,
                                    valid_loss=last_valid["valid_loss"] if eval_now else None)
                 log.write(rows)
+                if board is not None:
+                    board.write(rows)
             if save_now:
                 args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           meta=ocp.args.JsonSave(config_lib.as_json(cfg)))
@@ -418,6 +428,8 @@ def _run(cfg: config_lib.Config, quiet: bool, interrupt: _Interrupt, manager) ->
     finally:
         if bar is not None:
             bar.close()
+        if board is not None:
+            board.close()
     jax.block_until_ready(state)
     speed = throughput()
     seconds = ui.clock() - t_begin
@@ -440,6 +452,16 @@ def _run(cfg: config_lib.Config, quiet: bool, interrupt: _Interrupt, manager) ->
         ui.plot_curves(rows, out / "curves.png", f"{cfg.task} / {cfg.variant}")
     if not quiet:
         print(one_line(summary))
+        if cfg.task == "charlm" and cfg.sample > 0:
+            from . import sample
+
+            model = nnx.merge(graphdef, state["params"], rest)
+            batch = cfg.mesh_data * cfg.mesh_fsdp
+            text = sample.generate(model, seq_len=task.seq_len(cfg), batch=batch, length=cfg.sample,
+                                   seed=cfg.seed, place=lambda x: jax.device_put(x, batch_sharding(mesh, x)))
+            print(f"sample (temperature 0.8, prompt {sample.PROMPT.decode()!r}):\n{text}")
+        print(f"wrote {out}:")
+        print("\n".join(ui.written(out)))
     return summary
 
 
@@ -451,20 +473,67 @@ def one_line(s: dict) -> str:
             f"({metric}), {speed}, {ui.duration(s['seconds'])} -> {s['out_dir']}")
 
 
+def _type_name(kind) -> str:
+    """``int``, ``float``, ``str | None``, ``dict``: a key's type as ``--help`` shows it."""
+    args = typing.get_args(kind)
+    if args:
+        return " | ".join("None" if a is type(None) else a.__name__ for a in args)
+    return getattr(kind, "__name__", str(kind))
+
+
+def parser(defaults: config_lib.Config | None = None) -> argparse.ArgumentParser:
+    """The CLI: ``--config`` (a name or a file) and one typed option per config key
+    (``--steps 50``, ``--variant linear``, ``--variant_options "{'window': 9}"``), whose help shows
+    the key's type and its default (``defaults``': the chosen config's values). Options given on
+    the command line are applied after ``--override key=value`` (which stays for scripts)."""
+    cfg = defaults or config_lib.Config()
+    p = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__.split("\n\n")[0],
+                                usage="%(prog)s --config NAME_OR_FILE [--KEY VALUE ...] [--override KEY=VALUE ...]",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="named configs: " + ", ".join(config_lib.names()))
+    p.add_argument("--config", required=True, metavar="NAME_OR_FILE",
+                   help="a named config (" + ", ".join(config_lib.names()) + ") or a file defining config()")
+    p.add_argument("--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="change config keys, e.g. --override steps=50 variant=linear")
+    keys = p.add_argument_group("config keys" + (f" (defaults: config {cfg.name!r})" if defaults else ""))
+    for key, kind in typing.get_type_hints(config_lib.Config).items():
+        names = [f"--{key}"] + ([f"--{key.replace('_', '-')}"] if "_" in key else [])
+        keys.add_argument(*names, dest=f"key_{key}", default=argparse.SUPPRESS, metavar=key.upper(),
+                          type=functools.partial(_parse_key, key, kind),
+                          help=f"{_type_name(kind)} (default: {getattr(cfg, key)!r})")
+    return p
+
+
+def _parse_key(key: str, kind, text: str):
+    try:
+        return config_lib.parse(key, text, kind)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _load(argv) -> config_lib.Config:
+    """The config the command line asks for: its file, then ``--override``, then the key options."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    first, _ = pre.parse_known_args(argv)
+    base = None
+    if first.config is not None:
+        with contextlib.suppress(ValueError, TypeError):  # reported by the full load below
+            base = config_lib.load(first.config)
+    args = parser(base).parse_args(argv)
+    cfg = config_lib.load(args.config, args.override)
+    given = {k.removeprefix("key_"): v for k, v in vars(args).items() if k.startswith("key_")}
+    return dataclasses.replace(cfg, **given)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True,
-                        help="a file experiments/configs/<name>.py defining config()")
-    parser.add_argument("--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="change config keys, e.g. --override steps=50 variant=linear")
-    args = parser.parse_args(argv)
     # Expected failures are reported in one line below. Orbax also logs the errors of its writer
     # threads with their tracebacks, and tensorstore's late callbacks print more after the run
     # (_drop_closed_loop_callbacks): this process is ours, so both stay quiet to its end.
     logging.getLogger("absl").setLevel(logging.CRITICAL)
     _drop_closed_loop_callbacks()
     try:  # a bad config is reported in one line, before anything compiles
-        cfg = config_lib.load(args.config, args.override)
+        cfg = _load(argv)
         config_lib.validate(cfg, jax.device_count())
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)

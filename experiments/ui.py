@@ -1,4 +1,5 @@
-"""What a run shows and leaves behind: a progress bar, JSONL metrics, a PNG of the curves."""
+"""What a run shows and leaves behind: a progress bar (tqdm), JSONL metrics, optional TensorBoard
+event files, a PNG of the curves, and the list of files written."""
 
 from __future__ import annotations
 
@@ -10,25 +11,22 @@ from pathlib import Path
 
 
 class ProgressBar:
-    """``[#####.....] 120/200 loss 2.314 | 45.1k tok/s`` on one line (redrawn in a terminal,
-    one line per update otherwise, so logs stay readable). Standard library only."""
+    """tqdm's bar with rate, elapsed time and ETA, and the latest metrics after it:
+    ``42%|####      | 126/300 [00:21<00:29, 5.9step/s, loss 2.314 | 45.1k tok/s]``. A resumed run
+    starts at its step."""
 
-    def __init__(self, total: int, *, width: int = 30, stream=None):
-        self.total, self.width = total, width
-        self.stream = stream or sys.stderr
-        self.tty = getattr(self.stream, "isatty", lambda: False)()
+    def __init__(self, total: int, *, initial: int = 0, stream=None):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, unit="step", file=stream or sys.stderr,
+                        dynamic_ncols=True, mininterval=0.5, smoothing=0.1)
 
     def update(self, step: int, **values) -> None:
-        done = int(self.width * step / max(self.total, 1))
-        text = " ".join(_fmt(k, v) for k, v in values.items() if v is not None)
-        line = f"[{'#' * done}{'.' * (self.width - done)}] {step}/{self.total} {text}"
-        self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
-        self.stream.flush()
+        self.bar.set_postfix_str(" ".join(_fmt(k, v) for k, v in values.items() if v is not None), refresh=False)
+        self.bar.update(step - self.bar.n)
 
     def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        self.bar.close()
 
 
 def _fmt(key: str, value) -> str:
@@ -55,6 +53,47 @@ class MetricsLog:
         with self.path.open("a") as f:
             for r in rows:
                 f.write(dumps(r) + "\n")
+
+
+class TensorBoard:
+    """Every numeric metric of each logged row as a scalar at its step, in TensorBoard's event files
+    under ``directory`` (``tensorboard --logdir <out_dir>/tensorboard``), through tensorboardX."""
+
+    def __init__(self, directory: Path):
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(str(directory))
+
+    def write(self, rows: list[dict]) -> None:
+        for r in rows:
+            for key, value in r.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(key, value, r["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def written(out: Path) -> list[str]:
+    """``out``'s files and folders (a folder of many files, like a checkpoint, is one entry), each
+    with its size: what the end of a run lists."""
+    lines = []
+    for path in sorted(out.iterdir()):
+        if path.is_dir():
+            files = [f for f in path.rglob("*") if f.is_file()]
+            lines.append(f"  {path}/  ({len(files)} files, {_size(sum(f.stat().st_size for f in files))})")
+        else:
+            lines.append(f"  {path}  ({_size(path.stat().st_size)})")
+    return lines
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
 
 
 def dumps(value, **kwargs) -> str:
@@ -109,4 +148,4 @@ def clock() -> float:
     return time.perf_counter()
 
 
-__all__ = ["ProgressBar", "MetricsLog", "dumps", "read_jsonl", "plot_curves", "duration", "clock"]
+__all__ = ["ProgressBar", "MetricsLog", "TensorBoard", "written", "dumps", "read_jsonl", "plot_curves", "duration", "clock"]

@@ -25,7 +25,7 @@ from experiments import config, tasks, train, ui
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["layers=2", "width=32", "heads=2", "seq_len=64", "batch_size=8", "eval_batches=1", "warmup=1",
-        "log_every=2", "eval_every=100", "checkpoint_every=0", "plot=false"]
+        "log_every=2", "eval_every=100", "checkpoint_every=0", "plot=false", "sample=0"]
 
 
 def _cfg(name: str, tmp_path, *overrides) -> config.Config:
@@ -84,6 +84,30 @@ def test_each_task_trains(tmp_path, name, variant):
     assert math.isfinite(summary["valid_loss"]) and summary["tokens_per_s"] > 0
     assert (Path(cfg.out_dir) / "curves.png").stat().st_size > 0
     assert summary["variant"] == variant and summary["task"] == cfg.task
+
+
+def test_help_lists_every_key_with_its_type_and_the_configs_default(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--config", "tiny_charlm", "--help"])
+    text = capsys.readouterr().out
+    for key in config.typing.get_type_hints(config.Config):
+        assert f"--{key} " in text, key
+    assert "--steps STEPS         int (default: 300)" in text  # tiny_charlm's steps, not Config's
+    assert "--implementation IMPLEMENTATION\n                        str | None (default: None)" in text
+
+
+def test_a_run_by_name_with_key_options_shows_a_sample_the_files_and_tensorboard(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--config", "tiny_charlm", "--override", *TINY, "--steps", "2", "--sample", "20",
+            "--tensorboard", "true", "--out-dir", str(out)]
+    assert train.main(args) == 0
+    printed = capsys.readouterr()
+    assert "100%|" in printed.err and "<00:00" in printed.err  # tqdm's bar, its elapsed<ETA
+    assert "sample (temperature 0.8, prompt 'def '):\ndef " in printed.out
+    assert f"wrote {out}:" in printed.out and "metrics.jsonl" in printed.out and "tensorboard/" in printed.out
+    (events,) = (out / "tensorboard").glob("events.out.tfevents.*")
+    assert events.stat().st_size > 0
+    assert config.load("tiny_charlm") == config.load(ROOT / "experiments/configs/tiny_charlm.py")
 
 
 @pytest.mark.parametrize("overrides, message", [

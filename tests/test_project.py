@@ -26,7 +26,7 @@ def test_ci_runs_the_readme_test_command():
     assert test_command == setup[1]
     assert any(block.strip() == compile_command for block in blocks[1:]), "README documents CI's compile step"
     assert compile_command.endswith("python -m pytest -m compile")
-    assert setup[0].endswith("python -m experiments.train --config experiments/configs/tiny_charlm.py")
+    assert setup[0].endswith("python -m experiments.train --config tiny_charlm")
 
 
 def test_readme_demo_is_the_tiny_charlm_config():
@@ -36,7 +36,7 @@ def test_readme_demo_is_the_tiny_charlm_config():
 
     path = ROOT / "experiments" / "configs" / "tiny_charlm.py"
     cfg = config.load(path)
-    assert "python -m experiments.train --config experiments/configs/tiny_charlm.py" in path.read_text()
+    assert "python -m experiments.train --config tiny_charlm" in path.read_text()
     assert cfg.task == "charlm" and cfg.layers * cfg.width * cfg.steps <= 2 * 64 * 300
 
 
@@ -55,6 +55,10 @@ def test_cpu_benchmark_smoke(tmp_path):
     rows = result["rows"]
     assert {r["implementation"] for r in rows} == {"reference", "xla", "jax.nn"}
     assert all("seconds" in r and r["seconds"] > 0 for r in rows), rows
+    # provenance a reader can check, and the log-log plot beside the JSON
+    assert result["command"].startswith("python -m experiments.bench.cpu attention")
+    assert len(result["git"]["commit"]) == 40 and len(result["load_average"]["start"]) == 3
+    assert out.with_suffix(".png").stat().st_size > 0
 
 
 @pytest.mark.slow
@@ -71,3 +75,4 @@ def test_gpu_benchmark_dry_run_on_cpu(tmp_path):
     assert all("error" not in r for r in rows), rows
     assert all(r["max_error_vs_reference"] < 0.05 for r in rows), rows
     assert suites["lightning"]["rows"] and suites["neighborhood"]["rows"]
+    assert all((tmp_path / f"all-{name}.png").exists() for name in ("flash", "lightning"))

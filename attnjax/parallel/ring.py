@@ -115,9 +115,9 @@ def ring_attention(
       axis_name: the mesh axis the sequence is sharded over (``P`` devices).
       layout: ``"contiguous"`` (device ``i`` holds positions ``[i T/P, (i + 1) T/P)``) or
         ``"zigzag"`` (see :func:`zigzag`; balances causal masks).
-      mask, score_mod, normalizer, sigmoid_bias, scale, dropout_rate, dropout_key,
-        implementation, block_sizes: as in :func:`attnjax.ops.attention`, over the *global*
-        problem (``-log S`` is the global ``S``; mask arrays are global).
+      mask, score_mod, normalizer, sigmoid_bias, scale: as in :func:`attnjax.ops.attention`,
+        over the *global* problem (``-log S`` is the global ``S``; mask arrays are global).
+      dropout_rate, dropout_key, implementation, block_sizes: as in :func:`attnjax.ops.attention`.
       return_lse: also return the rows' global log-sum-exp ``[B, T/P, H]`` (softmax only).
       batch_shard, head_shard: ``(global size, offset)`` when batch elements or heads are also
         sharded (set by :func:`attnjax.parallel.shard_op`), so masks, score mods and dropout see

@@ -10,7 +10,7 @@ Writes ``benchmarks/results/all-gpu-<date>.json`` (``all-quick-cpu-...`` for a d
 
 from __future__ import annotations
 
-from experiments.bench import common, flash, lightning, neighborhood
+from . import common, flash, lightning, neighborhood
 
 SUITES = {"flash": flash, "lightning": lightning, "neighborhood": neighborhood}
 

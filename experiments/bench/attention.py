@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 
-from experiments.bench import common
+from . import common
 
 IMPLEMENTATIONS = ("reference", "xla", "jax.nn")
 B, H, D = 1, 4, 64

@@ -1,6 +1,6 @@
 """``python -m experiments.bench.cpu <suite> [--quick]``: a suite's CPU benchmark."""
 
-from experiments.bench.common import main
+from .common import main
 
 if __name__ == "__main__":
     main("cpu")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 
-from experiments.bench import common
+from . import common
 
 TOKENS = 32768  # batch * length, kept constant so short sequences still fill the GPU
 CHECK_ROWS = 256

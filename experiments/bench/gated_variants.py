@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import sys
 
-from experiments.bench import common
+from . import common
 
 VARIANTS = {
     "mega": ("chunk_xla", "full_xla", "full_reference"),

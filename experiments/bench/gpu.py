@@ -1,6 +1,6 @@
 """``python -m experiments.bench.gpu <suite> [--quick]``: a suite's GPU benchmark."""
 
-from experiments.bench.common import main
+from .common import main
 
 if __name__ == "__main__":
     main("gpu")

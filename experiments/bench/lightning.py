@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import sys
 
-from experiments.bench import common
+from . import common
 
 B, H, D = 1, 8, 64
 SOFTMAX_MAX_T = 16384

@@ -25,7 +25,7 @@ import json
 import math
 import sys
 
-from experiments.bench import common
+from . import common
 
 CPU_IMPLEMENTATIONS = ("na_xla", "dense_reference", "generic_xla")
 D = 64

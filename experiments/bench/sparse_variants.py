@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import sys
 
-from experiments.bench import common
+from . import common
 
 VARIANTS = ("biformer", "routing", "moa", "hyper", "hyper_causal", "landmark")
 H, D = 2, 64

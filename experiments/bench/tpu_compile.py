@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from attnjax import masks, ops
-from kernels_pallas.compile_check_tpu import compile_for_v5e
+from attnjax._layout import folder
+
+compile_for_v5e = folder("kernels_pallas.compile_check_tpu").compile_for_v5e
 
 
 def flash_case(T: int, D: int, *, B: int = 1, H: int = 4, K: int = 2, dtype=jnp.bfloat16, kind: str = "causal"):

@@ -1,12 +1,12 @@
 """A larger character-level language model on the Python standard library's source.
 
-    python -m experiments.train --config experiments/configs/charlm.py --override variant=lightning
+    python -m experiments.train --config charlm --override variant=lightning
 
 4 layers, width 256, sequence 512, batch 32, 5000 steps over 8 MiB of stdlib ``.py`` files
 (every tenth file held out). Meant for an accelerator (minutes on one GPU); hours on a laptop CPU.
 """
 
-from experiments.config import Config
+from ..config import Config
 
 
 def config() -> Config:

@@ -1,6 +1,6 @@
 """Handwritten digits (scikit-learn's 8x8 images) as a 2-D grid of 64 pixel tokens.
 
-    python -m experiments.train --config experiments/configs/digits.py --override variant=agent
+    python -m experiments.train --config digits --override variant=agent
 
 For the variants that see structure: ``agent`` (a 4x4 grid of agents), ``neighborhood``
 (3x3 windows on the grid), and every bidirectional variant (softmax, sigmoid, linear, moh).
@@ -8,7 +8,7 @@ For the variants that see structure: ``agent`` (a 4x4 grid of agents), ``neighbo
 validation accuracy on a fixed 20% split (359 images).
 """
 
-from experiments.config import Config
+from ..config import Config
 
 
 def config() -> Config:

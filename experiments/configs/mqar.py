@@ -1,13 +1,13 @@
 """Multi-query associative recall (Zoology), where linear attentions fall behind softmax.
 
-    python -m experiments.train --config experiments/configs/mqar.py --override seq_len=256 variant=linear
+    python -m experiments.train --config mqar --override seq_len=256 variant=linear
 
 2 layers, width 64, 8 key-value pairs over a 64-token vocabulary, sequence 128 (try 64, 128, 256:
 recall gets harder for fixed-state attentions as the sequence grows). 600 steps of batch 32;
 a couple of minutes on a 2-core CPU. The metric is recall accuracy on the queried values.
 """
 
-from experiments.config import Config
+from ..config import Config
 
 
 def config() -> Config:

@@ -1,6 +1,6 @@
 """The README demo: a tiny character-level language model on the Python standard library's source.
 
-    python -m experiments.train --config experiments/configs/tiny_charlm.py
+    python -m experiments.train --config tiny_charlm
 
 2 layers, width 64, sequence 128, 300 steps of batch 16 (about 0.6M training bytes seen) with
 softmax attention; about a minute on a 2-core CPU including compilation. Prints the validation
@@ -8,7 +8,7 @@ loss (nats per byte and bits per byte); writes runs/tiny_charlm/{metrics.jsonl,c
 Try ``--override variant=linear`` (or sigmoid, lightning, neighborhood, moh).
 """
 
-from experiments.config import Config
+from ..config import Config
 
 
 def config() -> Config:

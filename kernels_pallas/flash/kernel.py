@@ -38,8 +38,9 @@ from attnjax.core import tiling
 from attnjax.core.blocks import BlockSizes
 from attnjax.core.tiling import FULL, Problem
 from attnjax.core.utils import round_up
-from kernels_pallas import backend
-from kernels_pallas.flash.vjp import flash_vjp
+
+from .. import backend
+from .vjp import flash_vjp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +80,7 @@ def flash_attention(problem: Problem, q, k, v, bias, block_sizes: BlockSizes | N
     the kernels are not validated on, and when score-mod or normalizer parameters need gradients.
     """
     if backend.platform() == "tpu":  # the TPU kernels have their own layout (kernels_pallas/flash/tpu.py)
-        from kernels_pallas.flash import tpu
+        from . import tpu
 
         return tpu.flash_attention(problem, q, k, v, bias, block_sizes)
     if bias is not None:

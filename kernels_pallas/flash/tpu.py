@@ -54,8 +54,9 @@ from attnjax.core import tiling
 from attnjax.core.blocks import BlockSizes
 from attnjax.core.tiling import FULL, Problem
 from attnjax.core.utils import round_up
-from kernels_pallas import backend
-from kernels_pallas.flash.vjp import flash_vjp
+
+from .. import backend
+from .vjp import flash_vjp
 
 LANES = 128
 # ---------------------------------------------------------------------------------------------

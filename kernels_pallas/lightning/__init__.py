@@ -1,5 +1,5 @@
 """Lightning attention kernels (forward and backward), see :mod:`.kernel`."""
 
-from kernels_pallas.lightning.kernel import lightning
+from .kernel import lightning
 
 __all__ = ["lightning"]

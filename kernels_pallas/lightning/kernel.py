@@ -39,7 +39,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from attnjax.core.utils import round_up
-from kernels_pallas import backend
+
+from .. import backend
 
 F32 = jnp.float32
 
@@ -233,7 +234,7 @@ def lightning(q, k, v, a, docs, s0, scale: float, block_size: int):
     Returns ``(out [B, T, H, E] float32, final_state [B, H, D, E] float32)``.
     """
     if backend.platform() == "tpu":  # the TPU kernels have their own layout (kernels_pallas/lightning/tpu.py)
-        from kernels_pallas.lightning import tpu
+        from . import tpu
 
         return tpu.lightning(q, k, v, a, docs, s0, scale, block_size)
     backend.require_supported("lightning")

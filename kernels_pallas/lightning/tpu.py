@@ -36,8 +36,9 @@ from jax.experimental.pallas import tpu as pltpu
 
 from attnjax.core.blocks import BlockSizes
 from attnjax.core.utils import round_up
-from kernels_pallas import backend
-from kernels_pallas.flash.tpu import LANES
+
+from .. import backend
+from ..flash.tpu import LANES
 
 F32 = jnp.float32
 EDGES = 4  # per chunk in the SMEM table: first doc, last doc, previous chunk's last, next chunk's first

@@ -4,6 +4,7 @@ serve, so dispatch falls through to ``xla``."""
 
 from __future__ import annotations
 
+from attnjax import _layout
 from attnjax.core import dispatch
 from attnjax.core.blocks import BlockSizes
 from attnjax.core.tiling import Problem
@@ -17,6 +18,7 @@ def attention(problem: Problem, q, k, v, bias, block_sizes: BlockSizes | None = 
         # through it. Declining at trace time lets dispatch fall back (xla serves grad of grad).
         raise NotImplementedError("the Pallas flash kernels serve first-order reverse mode only "
                                   "(implementation='xla' serves grad of grad, 'reference' also jvp)")
-    from kernels_pallas.flash import flash_attention  # imported lazily: Pallas is heavy to import
+    # imported lazily (Pallas is heavy to import), from wherever the kernels are (attnjax._layout)
+    flash_attention = _layout.folder("kernels_pallas.flash").flash_attention
 
     return flash_attention(problem, q, k, v, bias, block_sizes)

@@ -53,8 +53,8 @@ def lightning_layer_slopes(num_heads: int, layer_idx: int, num_layers: int) -> F
     counts from 0. Pass ``log_decay=-lightning_layer_slopes(...)``.
 
     >>> from attnjax import ops
-    >>> [round(float(x), 6) for x in ops.lightning_layer_slopes(2, 1, 3)]
-    [0.031251, 0.001953]
+    >>> tuple(round(float(x), 6) for x in ops.lightning_layer_slopes(2, 1, 3))
+    (0.031251, 0.001953)
     """
     num_layers = _checks.positive_int("num_layers", num_layers)
     layer_idx = _checks.positive_int("layer_idx", layer_idx, allow_zero=True)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from attnjax import _layout
 from attnjax.core import dispatch
 
 
@@ -12,6 +13,7 @@ def forward(q, k, v, a, docs, s0, scale: float, block_size: int):
     if mode.forward or mode.reverse_order > 1:  # the kernel's backward is a pallas_call
         raise NotImplementedError("the Pallas lightning kernels serve first-order reverse mode only "
                                   "(implementation='xla' or 'reference' serve any order, and jvp)")
-    from kernels_pallas.lightning import lightning  # imported lazily: Pallas is heavy to import
+    # imported lazily (Pallas is heavy to import), from wherever the kernels are (attnjax._layout)
+    lightning = _layout.folder("kernels_pallas.lightning").lightning
 
     return lightning(q, k, v, a, docs, s0, scale, block_size=block_size)

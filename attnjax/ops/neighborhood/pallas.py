@@ -20,6 +20,7 @@ import math
 
 import jax.numpy as jnp
 
+from attnjax import _layout
 from attnjax.core import blocks, platform
 from attnjax.core.blocks import BlockSizes
 from attnjax.core.tiling import Dims, Problem
@@ -44,7 +45,8 @@ def tpu_spatial_tile(tile: tuple[int, ...], spatial: tuple[int, ...]) -> tuple[i
 
 def neighborhood_attention(q, k, v, mask: Neighborhood, scale: float, tile: tuple[int, ...]):
     """``q [B, *spatial, H, D]``, ``k/v [B, *spatial, K, D/E]`` -> ``[B, *spatial, H, E]``."""
-    from kernels_pallas.flash import flash_attention  # imported lazily: Pallas is heavy to import
+    # imported lazily (Pallas is heavy to import), from wherever the kernels are (attnjax._layout)
+    flash_attention = _layout.folder("kernels_pallas.flash").flash_attention
 
     spatial = mask.spatial_shape
     if platform.current() == "tpu":
