@@ -28,13 +28,17 @@ CASES = {
 
 @pytest.mark.parametrize("impl", ["reference", "xla"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("shape", [Shape(B=2, T=45, S=45, H=4, K=2, D=32, E=32),
-                                   Shape(B=1, T=64, S=64, H=2, K=1, D=16, E=16)], ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    [Shape(B=2, T=45, S=45, H=4, K=2, D=32, E=32), Shape(B=1, T=64, S=64, H=2, K=1, D=16, E=16)],
+    ids=str,
+)
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_jax_nn(case, shape, dtype, impl):
     jax_kw, our_kw = CASES[case]
-    ours = lambda q, k, v: ops.attention(q, k, v, implementation=impl,
-                                         block_sizes=ops.BlockSizes(16, 16), **our_kw)
+    ours = lambda q, k, v: ops.attention(
+        q, k, v, implementation=impl, block_sizes=ops.BlockSizes(16, 16), **our_kw
+    )
     theirs = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, **jax_kw)
     # Both run in `dtype`; jax.nn computes softmax probabilities in the input dtype, so the
     # tolerance is that of the dtype against an f32 computation.
@@ -45,7 +49,9 @@ def test_matches_jax_nn(case, shape, dtype, impl):
 def test_bias_matches_jax_nn(impl):
     s = Shape(B=2, T=30, S=50, H=4, K=4, D=16, E=16)
     bias = harness.normal(jax.random.key(5), (1, s.H, s.T, s.S))
-    ours = lambda q, k, v, b: ops.attention(q, k, v, bias=b, implementation=impl, block_sizes=ops.BlockSizes(16, 16))
+    ours = lambda q, k, v, b: ops.attention(
+        q, k, v, bias=b, implementation=impl, block_sizes=ops.BlockSizes(16, 16)
+    )
     theirs = lambda q, k, v, b: jax.nn.dot_product_attention(q, k, v, bias=b)
     harness.check_vjp(ours, theirs, (*s.qkv(jax.random.key(0)), bias), jnp.float32)
 
@@ -98,15 +104,24 @@ TABLE = {
     "mask_BH1S": ({}, dict(mask=_bool(5, (B, H, 1, S)))),
     "bias_1HTS": ({}, dict(bias=0.5 * jax.random.normal(jax.random.key(6), (1, H, T, S)))),
     "bias_B1TS_causal": ({}, dict(bias=jax.random.normal(jax.random.key(7), (B, 1, T, S)), is_causal=True)),
-    "bias_TS_mask": ({}, dict(bias=jax.random.normal(jax.random.key(8), (T, S)), mask=_bool(9, (B, H, T, S)))),
+    "bias_TS_mask": (
+        {},
+        dict(bias=jax.random.normal(jax.random.key(8), (T, S)), mask=_bool(9, (B, H, T, S))),
+    ),
     "kv_lengths": ({}, dict(key_value_seq_lengths=_lengths(S, S - 11))),
-    "q_kv_lengths_causal": ({}, dict(query_seq_lengths=_lengths(T - 3, 5), key_value_seq_lengths=_lengths(S - 9, S),
-                                     is_causal=True)),
-    "cross_mask_lengths": (dict(T=CROSS_T, S=CROSS_S), dict(mask=_bool(10, (B, 1, CROSS_T, CROSS_S)),
-                                                           key_value_seq_lengths=_lengths(CROSS_S, 30))),
+    "q_kv_lengths_causal": (
+        {},
+        dict(query_seq_lengths=_lengths(T - 3, 5), key_value_seq_lengths=_lengths(S - 9, S), is_causal=True),
+    ),
+    "cross_mask_lengths": (
+        dict(T=CROSS_T, S=CROSS_S),
+        dict(mask=_bool(10, (B, 1, CROSS_T, CROSS_S)), key_value_seq_lengths=_lengths(CROSS_S, 30)),
+    ),
     "unbatched_causal": (dict(B=None), dict(is_causal=True)),
-    "positional_bias_mask": ({}, dict(positional=(jax.random.normal(jax.random.key(11), (1, H, T, S)),
-                                                  _bool(12, (B, 1, T, S))))),
+    "positional_bias_mask": (
+        {},
+        dict(positional=(jax.random.normal(jax.random.key(11), (1, H, T, S)), _bool(12, (B, 1, T, S)))),
+    ),
 }
 
 
@@ -114,8 +129,11 @@ def _inputs(sizes, seed=0):
     s = dict(B=B, T=T, S=S, H=H, K=K) | sizes
     b = () if s["B"] is None else (s["B"],)
     kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-    return (jax.random.normal(kq, (*b, s["T"], s["H"], D)), jax.random.normal(kk, (*b, s["S"], s["K"], D)),
-            jax.random.normal(kv, (*b, s["S"], s["K"], D)))
+    return (
+        jax.random.normal(kq, (*b, s["T"], s["H"], D)),
+        jax.random.normal(kk, (*b, s["S"], s["K"], D)),
+        jax.random.normal(kv, (*b, s["S"], s["K"], D)),
+    )
 
 
 def _value_and_grads(fn, args, kwargs, dtype):
@@ -152,7 +170,8 @@ def _jax_nn(case, dtype, rounded):
         theirs = jax.jit(lambda *a: _value_and_grads(fn, a, dict(kwargs), dtype))(*rounded)
         with jax.enable_x64(True):
             truth = jax.jit(lambda *a: _value_and_grads(fn, a, dict(kwargs), jnp.float64))(
-                *[x.astype(jnp.float64) for x in rounded])
+                *[x.astype(jnp.float64) for x in rounded]
+            )
         _JAX_NN[key] = theirs, truth
     return _JAX_NN[key]
 
@@ -174,7 +193,8 @@ def test_drop_in_table(case, dtype, impl):
         assert x.shape == t.shape and x.dtype == dtype, f"{case} {name}: {x.shape} {x.dtype}"
         ours_err, their_err = harness.rel_err(x, t), harness.rel_err(y, t)
         assert ours_err <= 2 * their_err + floor, (
-            f"{case} {name}: error vs float64 {ours_err:.3g}, jax.nn's {their_err:.3g}")
+            f"{case} {name}: error vs float64 {ours_err:.3g}, jax.nn's {their_err:.3g}"
+        )
 
 
 def test_drop_in_names_and_cudnn_dispatch():
@@ -194,8 +214,11 @@ def test_drop_in_masks_keep_tile_skipping():
     from attnjax.core import tiling
     from attnjax.ops.attention import api
 
-    m = api.jax_nn_mask(is_causal=True, local_window_size=(8, 0), key_value_seq_lengths=_lengths(64, 20),
-                        sizes=(2, 4, 64, 64))
-    assert not any(isinstance(x, masks.Dense) for x in jax.tree.leaves(m, is_leaf=lambda x: isinstance(x, masks.Mask)))
+    m = api.jax_nn_mask(
+        is_causal=True, local_window_size=(8, 0), key_value_seq_lengths=_lengths(64, 20), sizes=(2, 4, 64, 64)
+    )
+    assert not any(
+        isinstance(x, masks.Dense) for x in jax.tree.leaves(m, is_leaf=lambda x: isinstance(x, masks.Mask))
+    )
     classes = np.asarray(m.block_map(64, 64, 16, 16, batch=2))
     assert (classes == tiling.EMPTY).sum() > classes.size // 2

@@ -150,13 +150,14 @@ def attention(
         sizes=(B, H, T, S),
     )
     bias = _rank4("bias", bias)
-    problem = make_problem(q, k, v, mask, score_mod, bias, normalizer, sigmoid_bias, scale, shard, JAX_NN_NAMES)
+    problem = make_problem(
+        q, k, v, mask, score_mod, bias, normalizer, sigmoid_bias, scale, shard, JAX_NN_NAMES
+    )
     if check_rate(dropout_rate) != 0.0 or dropout_key is not None:
         problem = dataclasses.replace(problem, dropout=Dropout.make(dropout_rate, dropout_key))
     if return_lse and not problem.normalizer.row_normalized:
         raise ValueError(
-            "return_lse needs a row-normalized normalizer (softmax); "
-            f"got {type(problem.normalizer).__name__}"
+            f"return_lse needs a row-normalized normalizer (softmax); got {type(problem.normalizer).__name__}"
         )
     blocks.check(block_sizes)
     impls = {
@@ -285,7 +286,9 @@ def _dense_mask(mask, sizes) -> Mask:
             f"mask must be boolean (True = attend); got dtype {mask.dtype} (an additive mask goes in bias)"
         )
     if mask.ndim > 4:
-        raise ValueError(f"mask has shape {tuple(mask.shape)}; expected rank <= 4, [batch, heads, q_len, kv_len]")
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)}; expected rank <= 4, [batch, heads, q_len, kv_len]"
+        )
     mask = _rank4("mask", jnp.asarray(mask))
     B, H, T, S = sizes
     _checks.broadcastable_to("mask", mask, (B, H, T, S), ("batch", "heads", "q_len", "kv_len"))
@@ -334,11 +337,13 @@ def make_problem(
         _check_score_mod_output(score_mod, dims.batch, dims.heads, T, S)
     if bias is not None:
         d = dims
-        _checks.broadcastable_to("bias", bias, (d.batch, d.heads, d.q_len, d.kv_len),
-                                 ("batch", "heads", "q_len", "kv_len"))
+        _checks.broadcastable_to(
+            "bias", bias, (d.batch, d.heads, d.q_len, d.kv_len), ("batch", "heads", "q_len", "kv_len")
+        )
         _checks.check_float("bias", bias)
-    return Problem(dims, default_scale(D, scale), mask, score_mod, as_normalizer(normalizer, sigmoid_bias),
-                   shard=shard)
+    return Problem(
+        dims, default_scale(D, scale), mask, score_mod, as_normalizer(normalizer, sigmoid_bias), shard=shard
+    )
 
 
 def _check_score_mod_output(score_mod: ScoreMod, batch: int, heads: int, q_len: int, kv_len: int) -> None:
@@ -347,24 +352,40 @@ def _check_score_mod_output(score_mod: ScoreMod, batch: int, heads: int, q_len: 
     t, s = min(2, q_len), min(3, kv_len)
     shape = (batch, heads, t, s)
     ar = lambda n: jnp.arange(n, dtype=jnp.int32)
-    idx = (ar(batch)[:, None, None, None], ar(heads)[None, :, None, None], ar(t)[None, None, :, None],
-           ar(s)[None, None, None, :])
-    out = jax.eval_shape(lambda x: score_mod(q_len, kv_len, x, *idx), jax.ShapeDtypeStruct(shape, jnp.float32))
+    idx = (
+        ar(batch)[:, None, None, None],
+        ar(heads)[None, :, None, None],
+        ar(t)[None, None, :, None],
+        ar(s)[None, None, None, :],
+    )
+    out = jax.eval_shape(
+        lambda x: score_mod(q_len, kv_len, x, *idx), jax.ShapeDtypeStruct(shape, jnp.float32)
+    )
     got = getattr(out, "shape", None)
     if got != shape or not jnp.issubdtype(out.dtype, jnp.floating):
         what = f"{getattr(out, 'dtype', type(out).__name__)}{list(got) if got is not None else ''}"
-        raise ValueError(f"score_mod must return float scores of the shape it is given; given float32{list(shape)} "
-                         f"[batch, heads, q tile, kv tile], it returned {what}")
+        raise ValueError(
+            f"score_mod must return float scores of the shape it is given; given float32{list(shape)} "
+            f"[batch, heads, q tile, kv tile], it returned {what}"
+        )
 
 
 def _check_shard(shard, dims: Dims) -> None:
     if not isinstance(shard, Shard):
         raise TypeError(f"shard must be an attnjax.ops.Shard or None; got {type(shard).__name__}")
-    for name, local, total in (("batch", dims.batch, shard.batch), ("heads", dims.heads, shard.heads),
-                               ("q_len", dims.q_len, shard.q_len), ("kv_len", dims.kv_len, shard.kv_len)):
+    for name, local, total in (
+        ("batch", dims.batch, shard.batch),
+        ("heads", dims.heads, shard.heads),
+        ("q_len", dims.q_len, shard.q_len),
+        ("kv_len", dims.kv_len, shard.kv_len),
+    ):
         if total < local:
-            raise ValueError(f"shard.{name}={total} is the global size; it cannot be smaller than the "
-                             f"local {name}={local} of q/k/v")
+            raise ValueError(
+                f"shard.{name}={total} is the global size; it cannot be smaller than the "
+                f"local {name}={local} of q/k/v"
+            )
     if shard.head_ids is not None and tuple(shard.head_ids.shape) != (dims.heads,):
-        raise ValueError(f"shard.head_ids has shape {tuple(shard.head_ids.shape)}; expected one global head "
-                         f"index per local head, [heads={dims.heads}]")
+        raise ValueError(
+            f"shard.head_ids has shape {tuple(shard.head_ids.shape)}; expected one global head "
+            f"index per local head, [heads={dims.heads}]"
+        )
