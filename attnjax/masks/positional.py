@@ -137,7 +137,7 @@ def chunked(size: int) -> Mask:
     return Chunked(_checks.positive_int("chunked size", size))
 
 
-def prefix_lm(prefix_len: int | Int[Array, "B"]) -> Mask:
+def prefix_lm(prefix_len: int | Int[Array, " B"]) -> Mask:
     """Prefix-LM: bidirectional over the first ``prefix_len`` keys, causal after them.
 
     ``prefix_len`` is an int or one length per batch element (``[B]``).
@@ -149,7 +149,7 @@ def prefix_lm(prefix_len: int | Int[Array, "B"]) -> Mask:
     return Causal() | KeyPrefix(length)
 
 
-def padding(lengths: int | Int[Array, "B"], q_lengths: int | Int[Array, "B"] | None = None) -> Mask:
+def padding(lengths: int | Int[Array, " B"], q_lengths: int | Int[Array, " B"] | None = None) -> Mask:
     """Padded batches: keys at positions ``>= lengths[b]`` are padding and never attended to.
 
     ``lengths`` is an int or one length per batch element (``[B]``, may be traced). With
