@@ -77,30 +77,33 @@ def per_head(name: str, x: Any, heads: int | None) -> None:
         raise ValueError(f"{name} must be a scalar or have shape [heads={heads}]; got shape {shape}")
 
 
-def check_qkv(q: Any, k: Any, v: Any, *, same_length: bool = False) -> tuple[int, ...]:
+def check_qkv(
+    q: Any, k: Any, v: Any, *, same_length: bool = False, names: tuple[str, str, str] = ("q", "k", "v")
+) -> tuple[int, ...]:
     """Validates ``q [B, T, H, D]``, ``k [B, S, K, D]``, ``v [B, S, K, E]`` (one float dtype,
-    ``K`` dividing ``H``, non-empty; ``S == T`` if ``same_length``). Returns
-    ``(B, T, S, H, K, D, E)``."""
-    B, T, H, D = check_rank("q", q, ("batch", "q_len", "heads", "head_dim"))
-    kshape = check_rank("k", k, ("batch", "kv_len", "kv_heads", "head_dim"))
-    vshape = check_rank("v", v, ("batch", "kv_len", "kv_heads", "v_head_dim"))
-    for name, x in (("q", q), ("k", k), ("v", v)):
+    ``K`` dividing ``H``, non-empty; ``S == T`` if ``same_length``), calling them ``names`` in
+    errors. Returns ``(B, T, S, H, K, D, E)``."""
+    qn, kn, vn = names
+    B, T, H, D = check_rank(qn, q, ("batch", "q_len", "heads", "head_dim"))
+    kshape = check_rank(kn, k, ("batch", "kv_len", "kv_heads", "head_dim"))
+    vshape = check_rank(vn, v, ("batch", "kv_len", "kv_heads", "v_head_dim"))
+    for name, x in ((qn, q), (kn, k), (vn, v)):
         check_float(name, x)
     if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(f"q, k and v must have one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    check_dim("k", kshape, 0, B, "batch, as in q")
+        raise TypeError(f"{qn}, {kn} and {vn} must have one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_dim(kn, kshape, 0, B, f"batch, as in {qn}")
     if same_length:
-        check_dim("k", kshape, 1, T, "length, as in q")
-    check_dim("k", kshape, 3, D, "head_dim, as in q")
+        check_dim(kn, kshape, 1, T, f"length, as in {qn}")
+    check_dim(kn, kshape, 3, D, f"head_dim, as in {qn}")
     if vshape[:3] != kshape[:3]:
         raise ValueError(
-            f"v has shape {vshape}; its first three axes must match k's {kshape[:3]} [batch, kv_len, kv_heads]"
+            f"{vn} has shape {vshape}; its first three axes must match {kn}'s {kshape[:3]} [batch, kv_len, kv_heads]"
         )
     S, K = kshape[1], kshape[2]
     if H % K:
-        raise ValueError(f"k has {K} heads (shape {kshape}), which must divide the {H} query heads of q")
+        raise ValueError(f"{kn} has {K} heads (shape {kshape}), which must divide the {H} query heads of {qn}")
     if T == 0 or S == 0:
-        raise ValueError(f"q_len and kv_len must be >= 1; got q shape {tuple(q.shape)}, k shape {kshape}")
+        raise ValueError(f"q_len and kv_len must be >= 1; got {qn} shape {tuple(q.shape)}, {kn} shape {kshape}")
     return B, T, S, H, K, D, vshape[3]
 
 

@@ -70,7 +70,7 @@ class Variant:
 def _mha(spec: LayerSpec, op: Callable, *, masked: bool = True) -> nn.MultiHeadAttention:
     """``nn.MultiHeadAttention`` around a bound op (with the causal mask when the task needs one)."""
     return nn.MultiHeadAttention(
-        spec.heads, spec.features, attention_fn=op,
+        spec.heads, spec.features, attention_fn=op, use_bias=False,
         mask=masks.causal() if masked and spec.causal else None, rngs=spec.rngs,
     )
 
@@ -120,7 +120,8 @@ def _neighborhood(spec):
                    implementation=spec.implementation)
     if spec.grid is not None:  # on a mesh, the grid's rows are the sequence axis (halo exchange)
         grid_op = functools.partial(_on_grid, op, spec.grid)
-        return nn.MultiHeadAttention(spec.heads, spec.features, attention_fn=grid_op, rngs=spec.rngs)
+        return nn.MultiHeadAttention(spec.heads, spec.features, attention_fn=grid_op, use_bias=False,
+                                     rngs=spec.rngs)
     return _mha(spec, op, masked=False)
 
 

@@ -51,6 +51,42 @@ def test_notebook_is_clean(path):
     assert "assert " in code, "needs at least one check against a reference"
 
 
+def _repository() -> str:
+    """The repository URL: pyproject.toml's [project.urls] Repository, else the one the Colab
+    badges point at."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    url = project.get("urls", {}).get("Repository")
+    if url is None:
+        url = "https://github.com/" + re.search(r"colab.research.google.com/github/([^/]+/[^/]+)/", BADGE)[1]
+    return url.rstrip("/").removesuffix(".git")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_install_cell_keeps_the_runtime_jax(path):
+    """Colab's install cell installs attnjax from the project's repository with the runtime's
+    jax and jaxlib pinned as constraints (an upgrade would swap a GPU/TPU build for a CPU one)."""
+    nb = nbformat.read(path, as_version=4)
+    cell = next(c.source for c in nb.cells if c.cell_type == "code" and "%pip install" in c.source)
+    pip = next(line.strip() for line in cell.splitlines() if line.strip().startswith("%pip install"))
+    assert f'"attnjax @ git+{_repository()}"' in pip, pip
+    assert " -c " in pip and '("jax", "jaxlib")' in cell and "metadata.version(name)" in cell, cell
+    assert "-U" not in pip.split() and "--upgrade" not in pip, pip
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_sections_are_numbered_in_order(path):
+    import re
+
+    nb = nbformat.read(path, as_version=4)
+    heads = [line for c in nb.cells if c.cell_type == "markdown" for line in c.source.splitlines()
+             if line.startswith("## ")]
+    numbers = [int(m[1]) for h in heads if (m := re.match(r"## (\d+)\.", h))]
+    assert numbers == list(range(1, len(numbers) + 1)), heads
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, monkeypatch):
     nb = nbformat.read(path, as_version=4)

@@ -10,6 +10,9 @@ sequence ("bottom-right", as in decoding with a cache): query ``i`` sits at abso
 last ``T`` tokens; with ``T > S`` the first ``T - S`` queries see no key under ``causal`` and
 give zeros.
 
+**Padding.** :func:`padding` (``lengths`` per batch element, optionally ``q_lengths``) hides
+the padded keys (and queries) at the end of each sequence, on raw positions.
+
 **Block maps.** For tile sizes ``(block_q, block_k)`` a mask classifies every tile of the
 ``[T, S]`` score matrix as ``EMPTY`` (nothing allowed: skipped), ``FULL`` (everything allowed:
 no mask evaluation) or ``PARTIAL``, from the mask's formula applied to each tile's index bounds
@@ -43,13 +46,14 @@ from attnjax.masks.grid import block_mask, grid_mask
 from attnjax.masks.moa import MoA, moa
 from attnjax.masks.neighborhood import Neighborhood, TiledNeighborhood, axis_windows, neighborhood
 from attnjax.masks.positional import (
-    Causal, Chunked, KeyPrefix, SlidingWindow, causal, chunked, prefix_lm, sliding_window,
+    Causal, Chunked, KeyPrefix, QueryPrefix, SlidingWindow, causal, chunked, padding, prefix_lm, sliding_window,
 )
 
 __all__ = [
     "EMPTY", "PARTIAL", "FULL", "Mask", "Tiles", "And", "Or", "Not", "FromFn", "from_fn",
     "collapse", "evaluate_bounds", "grid_indices",
-    "Causal", "SlidingWindow", "Chunked", "KeyPrefix", "causal", "sliding_window", "chunked", "prefix_lm",
+    "Causal", "SlidingWindow", "Chunked", "KeyPrefix", "QueryPrefix", "causal", "sliding_window", "chunked",
+    "prefix_lm", "padding",
     "Document", "document", "MoA", "moa", "Dense", "dense", "block_mask", "grid_mask",
     "Neighborhood", "TiledNeighborhood", "axis_windows", "neighborhood",
 ]

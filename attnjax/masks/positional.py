@@ -1,5 +1,6 @@
 """Positional masks: causal, sliding window, chunked and prefix-LM, aligned bottom-right
-(query ``i`` of ``T`` sits at position ``i + S - T`` among ``S`` keys)."""
+(query ``i`` of ``T`` sits at position ``i + S - T`` among ``S`` keys); padding (sequence
+lengths), on raw positions."""
 
 from __future__ import annotations
 
@@ -82,7 +83,38 @@ class KeyPrefix(Mask):
     def check(self, batch, heads, q_len, kv_len):
         shape = jnp.shape(self.length)
         if shape not in ((), (batch,)):
-            raise ValueError(f"prefix_len must be a scalar or have shape [batch={batch}]; got shape {shape}")
+            raise ValueError(
+                "key prefix lengths (prefix_lm's prefix_len, padding's lengths) must be a scalar or have shape "
+                f"[batch={batch}]; got shape {shape}"
+            )
+
+
+@pytree_dataclass(data=("length",))
+class QueryPrefix(Mask):
+    """Queries before ``length`` (a scalar or one length per batch element) see keys; the rest
+    (padding) see none, so their outputs are zeros."""
+
+    length: Array
+
+    INDEXED: ClassVar = {"length": ("batch",)}
+
+    def _at(self, b):
+        return self.length if np.ndim(self.length) == 0 else take(self.length, b)
+
+    def predicate(self, q_len, kv_len, b, h, q_idx, kv_idx):
+        return q_idx < self._at(b)
+
+    def bounds(self, tiles, batch):
+        n = self._at(jnp.arange(batch)[:, None, None, None])
+        return tiles.q_lo < n, tiles.q_hi < n
+
+    def check(self, batch, heads, q_len, kv_len):
+        shape = jnp.shape(self.length)
+        if shape not in ((), (batch,)):
+            raise ValueError(
+                f"query prefix lengths (padding's q_lengths) must be a scalar or have shape [batch={batch}]; "
+                f"got shape {shape}"
+            )
 
 
 def causal() -> Mask:
@@ -105,7 +137,7 @@ def chunked(size: int) -> Mask:
     return Chunked(_checks.positive_int("chunked size", size))
 
 
-def prefix_lm(prefix_len: int | Int[Array, "B"]) -> Mask:
+def prefix_lm(prefix_len: int | Int[Array, " B"]) -> Mask:
     """Prefix-LM: bidirectional over the first ``prefix_len`` keys, causal after them.
 
     ``prefix_len`` is an int or one length per batch element (``[B]``).
@@ -115,3 +147,36 @@ def prefix_lm(prefix_len: int | Int[Array, "B"]) -> Mask:
     length = jnp.asarray(prefix_len)
     _checks.check_int_array("prefix_len", length)
     return Causal() | KeyPrefix(length)
+
+
+def padding(lengths: int | Int[Array, " B"], q_lengths: int | Int[Array, " B"] | None = None) -> Mask:
+    """Padded batches: keys at positions ``>= lengths[b]`` are padding and never attended to.
+
+    ``lengths`` is an int or one length per batch element (``[B]``, may be traced). With
+    ``q_lengths``, queries at positions ``>= q_lengths[b]`` are padding too: they see no key
+    and their outputs are zeros (as ``jax.nn.dot_product_attention``'s ``query_seq_lengths``).
+    Positions are raw indices (padding at the end of each sequence), not aligned. Block maps
+    skip the padded tiles. This is what ``ops.attention(key_value_seq_lengths=...,
+    query_seq_lengths=...)`` builds.
+
+    >>> import jax.numpy as jnp
+    >>> from attnjax import masks
+    >>> masks.padding(jnp.array([2, 3])).materialize(2, 4, batch=2)[:, 0].astype(int)
+    Array([[[1, 1, 0, 0],
+            [1, 1, 0, 0]],
+    <BLANKLINE>
+           [[1, 1, 1, 0],
+            [1, 1, 1, 0]]], dtype=int32)
+    """
+    out = KeyPrefix(_lengths("lengths", lengths))
+    return out if q_lengths is None else out & QueryPrefix(_lengths("q_lengths", q_lengths))
+
+
+def _lengths(name: str, x) -> Array:
+    if isinstance(x, int):
+        _checks.positive_int(name, x, allow_zero=True)
+    x = jnp.asarray(x)
+    _checks.check_int_array(name, x)
+    if x.ndim > 1:
+        raise ValueError(f"{name} must be a scalar or have shape [batch]; got shape {x.shape}")
+    return x

@@ -64,7 +64,7 @@ class TransformerBlock(nnx.Module):
         if attention is None:
             attention = MultiHeadAttention(
                 num_heads, in_features, num_kv_heads=num_kv_heads, attention_fn=attention_fn, mask=mask,
-                qk_norm=qk_norm, dtype=dtype, rngs=rngs,
+                qk_norm=qk_norm, use_bias=False, dtype=dtype, rngs=rngs,
             )
         self.attention = attention
         self.mlp = Mlp(in_features, ratio=mlp_ratio, dtype=dtype, rngs=rngs)

@@ -33,7 +33,7 @@ class RoutingAttention(nnx.Module):
     >>> import jax
     >>> from flax import nnx
     >>> from attnjax import nn
-    >>> m = nn.RoutingAttention(2, 16, num_clusters=4, causal=True, rngs=nnx.Rngs(0))
+    >>> m = nn.RoutingAttention(2, 16, num_clusters=4, is_causal=True, rngs=nnx.Rngs(0))
     >>> before = m.centroids[...]
     >>> y = m(jax.random.normal(jax.random.key(0), (1, 32, 16)), update=True)
     >>> y.shape, bool((m.centroids[...] != before).any())
@@ -47,7 +47,7 @@ class RoutingAttention(nnx.Module):
         *,
         num_clusters: int,
         window: int | None = None,
-        causal: bool = False,
+        is_causal: bool = False,
         decay: float = 0.999,
         qkv_features: int | None = None,
         use_bias: bool = False,
@@ -58,7 +58,7 @@ class RoutingAttention(nnx.Module):
         H, C, qkv = _checks.head_features(num_heads, in_features, qkv_features)
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay must be in [0, 1]; got {decay}")
-        self.in_features, self.window, self.causal, self.decay = C, window, causal, decay
+        self.in_features, self.window, self.is_causal, self.decay = C, window, is_causal, decay
         self.implementation = implementation
         self.query, self.key, self.value, self.out = head_projections(
             C, H, qkv // H, use_bias=use_bias, dtype=dtype, rngs=rngs)
@@ -70,7 +70,7 @@ class RoutingAttention(nnx.Module):
             raise ValueError(f"x must have shape [batch, seq, in_features={self.in_features}]; got {x.shape}")
         q, k, v = self.query(x), self.key(x), self.value(x)
         mu = self.centroids[...]
-        y = ops.routing_attention(q, k, v, mu, window=self.window, causal=self.causal,
+        y = ops.routing_attention(q, k, v, mu, window=self.window, is_causal=self.is_causal,
                                   implementation=self.implementation)
         if update:
             self.centroids[...] = ops.routing_update(mu, q, k, decay=self.decay)

@@ -45,13 +45,13 @@ def _fn(variant: str, impl: str, T: int):
         op = lambda q, k, v: ops.biformer_attention(q, k, v, region_size=64, top_k=4, implementation=impl)
     elif variant == "routing":
         mu = ops.routing_init(jax.random.key(1), H, T // 64, D)
-        op = lambda q, k, v: ops.routing_attention(q, k, v, mu, causal=True, implementation=impl)
+        op = lambda q, k, v: ops.routing_attention(q, k, v, mu, is_causal=True, implementation=impl)
     elif variant == "moa":
         op = lambda q, k, v: ops.moa_attention(q, k, v, alpha=(64, 32), beta=(0.0, 1 / 32), sinks=16,
                                                implementation=impl)
     elif variant in ("hyper", "hyper_causal"):
         op = lambda q, k, v: ops.hyper_attention(q, k, v, key=jax.random.key(2), bucket_size=64, sample_size=64,
-                                                 causal=variant == "hyper_causal", implementation=impl)
+                                                 is_causal=variant == "hyper_causal", implementation=impl)
     elif variant == "landmark":
         marks = jax.random.normal(jax.random.key(3), (1, T // 64, H, D))
         op = lambda q, k, v: ops.landmark_attention(q[:, -64:], k, v, marks, block_len=64, top_k=4,

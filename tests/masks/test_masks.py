@@ -31,6 +31,8 @@ def numpy_mask(kind, T, S):
         "not_causal": ~(kv <= q),
         "causal_or_window": (kv <= q) | ((kv >= q - 2) & (kv <= q + 2)),
         "from_fn": (np.arange(T)[:, None] + np.arange(S)[None, :]) % 3 != 0,
+        "padding": (np.arange(S)[None, None, :] < np.array(_kv_lengths(S))[:, None, None])
+        & (np.arange(T)[None, :, None] < np.array(_q_lengths(T))[:, None, None]),
     }
     out = table[kind]
     return np.broadcast_to(out, (B, T, S))
@@ -48,11 +50,20 @@ def attnjax_mask(kind, T, S):
         "not_causal": ~masks.causal(),
         "causal_or_window": masks.causal() | masks.sliding_window(2, 2),
         "from_fn": masks.from_fn(lambda b, h, q, kv: (q + kv) % 3 != 0),
+        "padding": masks.padding(jnp.array(_kv_lengths(S)), jnp.array(_q_lengths(T))),
     }[kind]
 
 
+def _kv_lengths(S):  # one full row, one cut mid-tile
+    return [S, max(S // 2 + 3, 1) if S > 3 else 1]
+
+
+def _q_lengths(T):
+    return [max(T - 5, 1), T]
+
+
 KINDS = ["causal", "window_7", "window_5_3", "chunked_16", "prefix_20", "document", "not_causal",
-         "causal_or_window", "from_fn"]
+         "causal_or_window", "from_fn", "padding"]
 SIZES = [(63, 63), (63, 100), (100, 37), (1, 50), (97, 97)]
 
 
@@ -95,6 +106,17 @@ def test_prefix_lm_per_batch_lengths():
     dense = np.asarray(m.materialize(6, 6, batch=2))[:, 0]
     np.testing.assert_array_equal(dense[0], np.tril(np.ones((6, 6), bool)))
     assert dense[1, 0, :4].all() and not dense[1, 0, 4:].any()
+
+
+def test_padding_scalar_lengths_and_errors():
+    m = np.asarray(masks.padding(3, q_lengths=2).materialize(4, 5))[0, 0]
+    np.testing.assert_array_equal(m, (np.arange(4)[:, None] < 2) & (np.arange(5)[None, :] < 3))
+    with pytest.raises(TypeError, match="lengths must be an integer array"):
+        masks.padding(jnp.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match="q_lengths must be >= 0"):
+        masks.padding(3, q_lengths=-1)
+    with pytest.raises(ValueError, match=r"padding's lengths\) must be a scalar or have shape \[batch=2\]"):
+        masks.padding(jnp.array([1, 2, 3])).check(2, 1, 4, 4)
 
 
 def test_head_dependent_from_fn_keeps_per_head_maps():

@@ -111,8 +111,8 @@ def test_mha_jit_equals_eager():
         (lambda: nn.MultiHeadAttention(4, 16, rngs=nnx.Rngs(0))(jnp.ones((1, 3, 8))), ValueError, "in_features=16"),
         (lambda: nn.MultiHeadAttention(4, 16, rngs=nnx.Rngs(0))(jnp.ones((1, 3, 16)), decode=True), ValueError, "init_cache"),
         (lambda: nn.MultiHeadAttention(4, 16, rngs=nnx.Rngs(0), attention_fn=ops.lightning_attention)(
-            jnp.ones((1, 3, 16)), decode=True), ValueError, r"call init_cache\(batch_size\)"),
-        (lambda: nn.MultiHeadAttention(4, 16, rngs=nnx.Rngs(0)).init_cache(1), ValueError, "needs max_length"),
+            jnp.ones((1, 3, 16)), decode=True), ValueError, r"call init_cache\(batch_size=...\)"),
+        (lambda: nn.MultiHeadAttention(4, 16, rngs=nnx.Rngs(0)).init_cache(batch_size=1), ValueError, "needs max_length"),
     ],
     ids=["kv_heads", "qkv_features", "mask_type", "array_mask", "in_features", "no_cache", "no_state",
          "no_max_length"],
@@ -127,7 +127,7 @@ def test_mha_errors(make, err, match):
 
 def _decode(m, x, prefill, max_length, *, jit=True):
     """Prefill ``x[:, :prefill]`` then feed one token at a time; returns the concatenated outputs."""
-    m.init_cache(x.shape[0], max_length)
+    m.init_cache(batch_size=x.shape[0], max_length=max_length)
     step = nnx.jit(lambda m, x: m(x, decode=True)) if jit else (lambda m, x: m(x, decode=True))
     outs = [step(m, x[:, :prefill])] + [step(m, x[:, t:t + 1]) for t in range(prefill, x.shape[1])]
     return jnp.concatenate(outs, axis=1)
@@ -149,7 +149,7 @@ def test_decode_equals_full_forward(name, cfg, T, prefill, max_length):
     x = _x(T=T)
     full = _call(m, x)
     harness.assert_close(_decode(m, x, prefill, max_length), full, 1e-5, name)
-    assert int(m.cache_length[...]) == min(T, max_length)
+    assert int(m.cache_index[...]) == T
 
 
 @pytest.mark.parametrize("prefill", [1, 5])
@@ -170,7 +170,7 @@ def test_decode_in_transformer_block():
     block = nn.TransformerBlock(C, H, norm="hybrid", mask=masks.causal(), num_kv_heads=2, rngs=nnx.Rngs(0))
     x = _x(T=7)
     full = _call(block, x)
-    block.attention.init_cache(2, 8)
+    block.attention.init_cache(batch_size=2, max_length=8)
     step = nnx.jit(lambda b, x: b(x, decode=True))
     out = jnp.concatenate([step(block, x[:, :4])] + [step(block, x[:, t:t + 1]) for t in range(4, 7)], axis=1)
     harness.assert_close(out, full, 1e-5, "block decode")
@@ -178,7 +178,7 @@ def test_decode_in_transformer_block():
 
 def test_decode_errors():
     m = nn.MultiHeadAttention(H, C, mask=masks.causal(), rngs=nnx.Rngs(0))
-    m.init_cache(2, 4)
+    m.init_cache(batch_size=2, max_length=4)
     with pytest.raises(ValueError, match="batch_size=2"):
         m(_x(B=3, T=1), decode=True)
     with pytest.raises(ValueError, match="do not fit"):

@@ -89,7 +89,7 @@ def test_routing_gathered_matches_reference(causal):
     shape = GQA if causal else Shape(B=2, T=29, S=41, H=4, K=2, D=12, E=10)
     mu = ops.routing_init(jax.random.key(3), shape.H, 5, shape.D)
     q, k, v = shape.qkv(jax.random.key(4))
-    _vjp(lambda q, k, v, implementation: ops.routing_attention(q, k, v, mu, causal=causal, implementation=implementation),
+    _vjp(lambda q, k, v, implementation: ops.routing_attention(q, k, v, mu, is_causal=causal, implementation=implementation),
          (q, k, v))
 
 
@@ -97,7 +97,7 @@ def test_routing_one_cluster_is_full_attention():
     """One centroid with the default window takes every query and key: exact attention."""
     q, k, v = GQA.qkv(jax.random.key(6))
     mu = ops.routing_init(jax.random.key(0), GQA.H, 1, GQA.D)
-    out, exact = jax.jit(lambda q, k, v: (ops.routing_attention(q, k, v, mu, causal=True),
+    out, exact = jax.jit(lambda q, k, v: (ops.routing_attention(q, k, v, mu, is_causal=True),
                                           ops.attention(q, k, v, mask=masks.causal(), implementation="reference")))(q, k, v)
     harness.assert_close(out, exact, 2e-5)
 
@@ -144,14 +144,14 @@ def test_routing_module_is_projections_op_and_update():
 
     from attnjax import nn
 
-    m = nn.RoutingAttention(2, 16, num_clusters=3, causal=True, decay=0.9, rngs=nnx.Rngs(0))
+    m = nn.RoutingAttention(2, 16, num_clusters=3, is_causal=True, decay=0.9, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(24), (1, 20, 16))
     mu = m.centroids[...]
 
     @nnx.jit
     def run(m, x):
         q, k, v = m.query(x), m.key(x), m.value(x)
-        expected = m.out(ops.routing_attention(q, k, v, mu, causal=True))
+        expected = m.out(ops.routing_attention(q, k, v, mu, is_causal=True))
         return m(x, update=True), expected, ops.routing_update(mu, q, k, decay=0.9)
 
     y, expected, new_mu = run(m, x)
@@ -267,7 +267,7 @@ HYPER = dict(bucket_size=8, sample_size=10, num_projections=4)
 def test_hyper_gathered_matches_reference():
     """Causal, one split (37 -> 18 + 19): the lower-left block is the non-causal estimate on a
     ragged 19 x 18 problem, merged with the causal halves, so both forms are covered."""
-    _vjp(ops.hyper_attention, GQA.qkv(jax.random.key(13)), key=jax.random.key(14), causal=True, min_seq_len=20, **HYPER)
+    _vjp(ops.hyper_attention, GQA.qkv(jax.random.key(13)), key=jax.random.key(14), is_causal=True, min_seq_len=20, **HYPER)
 
 
 def test_hyper_exact_limits():
@@ -360,6 +360,6 @@ def test_validation():
     with pytest.raises(ValueError, match="alpha and beta must be >= 0"):
         masks.moa(alpha=(-1,), beta=(0,))
     with pytest.raises(ValueError, match="length, as in q"):
-        ops.hyper_attention(q[:, :20], k, v, key=jax.random.key(0), causal=True)
+        ops.hyper_attention(q[:, :20], k, v, key=jax.random.key(0), is_causal=True)
     with pytest.raises(ValueError, match=r"landmark_k has shape .* blocks=ceil\(S / block_len\)=5"):
         ops.landmark_attention(q, k, v, jnp.ones((2, 4, 2, 12)), block_len=8)

@@ -171,7 +171,7 @@ def hyper_attention(
     bucket_size: int = 64,
     sample_size: int = 64,
     num_projections: int = 7,
-    causal: bool = False,
+    is_causal: bool = False,
     min_seq_len: int | None = None,
     scale: float | None = None,
     implementation: Implementation = None,
@@ -181,12 +181,12 @@ def hyper_attention(
 
     Args:
       q, k, v: ``[B, T, H, D]``, ``[B, S, K, D]``, ``[B, S, K, E]`` (``K`` divides ``H``);
-        ``T == S`` when ``causal``.
+        ``T == S`` when ``is_causal``.
       key: randomness of the hyperplanes and the column sample.
       bucket_size: keys per sorted-LSH block ``b`` (query blocks have ``ceil(T / ceil(S / b))``).
       sample_size: sampled columns ``m`` (clipped to ``S``; 0 keeps only the blocks).
       num_projections: hyperplanes ``r`` of the LSH (``2^r`` buckets).
-      causal: the recursive causal variant (no bottom-right offset: ``T == S``).
+      is_causal: the recursive causal variant (no bottom-right offset: ``T == S``).
       min_seq_len: below this length the causal recursion is exact; default ``2 * bucket_size``.
       scale: logit scale, default ``1 / sqrt(D)``.
       implementation: ``"reference"`` (the same estimate, dense: weights ``c_ij exp(s_ij)``) or
@@ -199,13 +199,13 @@ def hyper_attention(
     >>> import jax, jax.numpy as jnp
     >>> from attnjax import ops
     >>> q = k = v = jax.random.normal(jax.random.key(0), (1, 256, 2, 16))
-    >>> kw = dict(key=jax.random.key(1), bucket_size=32, sample_size=32, causal=True)
+    >>> kw = dict(key=jax.random.key(1), bucket_size=32, sample_size=32, is_causal=True)
     >>> out = ops.hyper_attention(q, k, v, **kw)
     >>> ref = ops.hyper_attention(q, k, v, implementation="reference", **kw)
     >>> out.shape, bool(jnp.allclose(out, ref, atol=1e-5))
     ((1, 256, 2, 16), True)
     """
-    B, T, S, H, K, D, E = _checks.check_qkv(q, k, v, same_length=causal)
+    B, T, S, H, K, D, E = _checks.check_qkv(q, k, v, same_length=is_causal)
     bucket_size = _checks.positive_int("bucket_size", bucket_size)
     if shard is None:
         shard = Shard.make(batch=B, heads=H, q_len=T, kv_len=S)
@@ -224,11 +224,11 @@ def hyper_attention(
     )
 
     def reference():
-        coeff = (_causal_coeff if causal else _noncausal_coeff)(key, q, k, cfg)
+        coeff = (_causal_coeff if is_causal else _noncausal_coeff)(key, q, k, cfg)
         return dense_reference(q, k, v, coeff, scale)[0]
 
     def gathered():
-        out, _ = (_causal if causal else _noncausal)(key, q, k, v, cfg)
+        out, _ = (_causal if is_causal else _noncausal)(key, q, k, v, cfg)
         return out.astype(q.dtype)
 
     return dispatch.run("hyper_attention", {"reference": reference, "xla": gathered}, implementation)

@@ -7,7 +7,7 @@ Queries and keys are clustered by online spherical k-means with ``C`` centroids 
 .. math::
 
     O_t = \frac{\sum_s m_{ts}\, e^{s_{ts}} v_s}{\sum_s m_{ts}\, e^{s_{ts}}}, \qquad
-    m_{ts} = \#\{c : t \in \mathcal Q_c,\ s \in \mathcal K_c\} \cdot [s \le t + S - T \text{ if causal}],
+    m_{ts} = \#\{c : t \in \mathcal Q_c,\ s \in \mathcal K_c\} \cdot [s \le t + S - T \text{ if is\_causal}],
 
 with ``s_ts = q_t . k_s / sqrt(D)``. Clusters are *balanced* as in the paper's implementation:
 ``Q_c`` holds the ``w_q`` queries nearest to ``mu_c`` and ``K_c`` the ``w_k`` nearest keys
@@ -138,7 +138,7 @@ def routing_attention(
     centroids: Float[Array, "H C D"],
     *,
     window: int | None = None,
-    causal: bool = False,
+    is_causal: bool = False,
     scale: float | None = None,
     implementation: Implementation = None,
 ) -> Float[Array, "B T H E"]:
@@ -148,7 +148,7 @@ def routing_attention(
       q, k, v: ``[B, T, H, D]``, ``[B, S, K, D]``, ``[B, S, K, E]`` (``K`` divides ``H``).
       centroids: ``[H, C, D]`` cluster centroids (state; see :func:`routing_update`).
       window: cluster size (see :func:`routing_clusters`).
-      causal: also require ``s <= t + S - T`` (bottom-right alignment).
+      is_causal: also require ``s <= t + S - T`` (bottom-right alignment).
       scale: logit scale, default ``1 / sqrt(D)``.
       implementation: ``"reference"`` (dense, with the multiplicity matrix ``m``) or
         ``"xla"``/None (gather each cluster, attend within it, merge by log-sum-exp).
@@ -157,8 +157,8 @@ def routing_attention(
     >>> from attnjax import ops
     >>> q = k = v = jax.random.normal(jax.random.key(0), (1, 32, 2, 8))
     >>> mu = ops.routing_init(jax.random.key(1), 2, 4, 8)
-    >>> out = ops.routing_attention(q, k, v, mu, causal=True)
-    >>> ref = ops.routing_attention(q, k, v, mu, causal=True, implementation="reference")
+    >>> out = ops.routing_attention(q, k, v, mu, is_causal=True)
+    >>> ref = ops.routing_attention(q, k, v, mu, is_causal=True, implementation="reference")
     >>> out.shape, bool(jnp.allclose(out, ref, atol=1e-5))
     ((1, 32, 2, 8), True)
     """
@@ -166,8 +166,8 @@ def routing_attention(
     _check_centroids(centroids, H, D)
     q_idx, k_idx = routing_clusters(centroids, q, k, window=window)
     impls = {
-        "reference": lambda: _reference(q, k, v, q_idx, k_idx, causal, scale),
-        "xla": lambda: _gathered(q, k, v, q_idx, k_idx, causal, scale),
+        "reference": lambda: _reference(q, k, v, q_idx, k_idx, is_causal, scale),
+        "xla": lambda: _gathered(q, k, v, q_idx, k_idx, is_causal, scale),
     }
     return dispatch.run("routing_attention", impls, implementation)
 
