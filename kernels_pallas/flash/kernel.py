@@ -203,6 +203,8 @@ def _fwd_kernel(classes_ref, order_ref, counts_ref, q_ref, k_ref, v_ref, *refs, 
     def body(kt, masked, carry):
         k = k_ref[pl.ds(kt * bk, bk), :]  # [bk, D]
         v = v_ref[pl.ds(kt * bk, bk), :]  # [bk, E]
+        if masked:  # non-finite keys and values stay in the entries the mask allows
+            k, v = tiling.poison_keys(k, v)
         kv_idx = kt * bk + lax.iota(jnp.int32, bk)
         s, _ = _tile_logits(static, problem, q, k, q_idx, kv_idx, (b, h))  # [1, 1, bq, bk]
         ok = tiling.allowed(problem, q_idx, kv_idx, (b, h)) if masked else None
@@ -274,8 +276,10 @@ def _dq_kernel(classes_ref, order_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, 
     def body(kt, masked, dq):
         k = k_ref[pl.ds(kt * bk, bk), :]
         v = v_ref[pl.ds(kt * bk, bk), :]
+        # In a PARTIAL tile non-finite inputs are zeroed, so they stay in the entries the mask allows.
+        q_t, k, v = tiling.zero_non_finite(q, k, v) if masked else (q, k, v)
         kv_idx = kt * bk + lax.iota(jnp.int32, bk)
-        _, ds = _tile_grads(static, problem, q, k, v, do, lse, delta, q_idx, kv_idx, (b, h), masked)
+        _, ds = _tile_grads(static, problem, q_t, k, v, do, lse, delta, q_idx, kv_idx, (b, h), masked)
         return dq + _dot(ds, k) * static.scale
 
     dq = tiling.visit(counts_ref[i], lambda j: order_ref[i, j], lambda kt: classes_ref[i, kt] == FULL,
@@ -304,7 +308,8 @@ def _dkv_kernel(classes_ref, order_t_ref, counts_t_ref, q_ref, k_ref, v_ref, do_
             lse = lse_ref[g, rows][None, None, :, None]
             delta = delta_ref[g, rows][None, None, :, None]
             q_idx = i * bq + lax.iota(jnp.int32, bq)
-            p, ds = _tile_grads(static, problem, q, k, v, do, lse, delta, q_idx, kv_idx, (b, h), masked)
+            q, k_t, v_t = tiling.zero_non_finite(q, k, v) if masked else (q, k, v)  # as in _dq_kernel
+            p, ds = _tile_grads(static, problem, q, k_t, v_t, do, lse, delta, q_idx, kv_idx, (b, h), masked)
             return dk + _dot(ds.T, q) * static.scale, dv + _dot(p.T, do)
 
         dk, dv = tiling.visit(counts_t_ref[kt], lambda j: order_t_ref[kt, j],
