@@ -344,13 +344,29 @@ def finite_or_zero(x: Array) -> tuple[Array, Array]:
     :func:`guard`): the clean ``x`` goes into products, where a masked entry's weight 0 times a
     finite number is 0 (``0 * NaN`` would be NaN), and the poison goes into the logits, where
     the mask then removes it from masked entries and keeps it (NaN) in allowed ones."""
-    ok = jnp.isfinite(x)
-    return _zero_non_finite(x), jnp.where(ok.all(-1), 0.0, jnp.nan).astype(jnp.float32)
+    return _zero_non_finite(x), _poison(x)
+
+
+def _poison(x: Array, keepdims: bool = False) -> Array:
+    # A sum of 0 / NaN, not ``isfinite(x).all(-1)``: Triton kernels have no boolean reduction.
+    return jnp.where(_isfinite(x), 0.0, jnp.nan).astype(jnp.float32).sum(-1, keepdims=keepdims)
+
+
+def _isfinite(x: Array) -> Array:
+    # Mosaic (TPU kernels) takes is_finite of float32 only; upcasting 16-bit floats is exact.
+    return jnp.isfinite(x.astype(jnp.float32) if jnp.dtype(x.dtype).itemsize < 4 else x)
+
+
+def zero_non_finite(*xs: Array) -> tuple[Array, ...]:
+    """Each of ``xs`` with its non-finite entries zeroed: the ``q, k, v`` of a PARTIAL tile's
+    *backward* in a blockwise path with a hand-written backward (xla, the Pallas kernels; see
+    :func:`poison_keys`). FULL tiles keep the raw inputs: nothing there is masked."""
+    return tuple(_zero_non_finite(x) for x in xs)
 
 
 @jax.custom_jvp
 def _zero_non_finite(x):
-    return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+    return jnp.where(_isfinite(x), x, jnp.zeros((), x.dtype))
 
 
 @_zero_non_finite.defjvp
@@ -390,13 +406,13 @@ def poison_keys(k: Float[Array, "... s D"], v: Float[Array, "... s E"]):
     entries (``where``, exact) and keeps it in allowed ones, so their rows get NaN (visible); the
     zeroed value keeps ``p @ v`` free of ``0 * NaN`` in masked entries. A NaN query needs nothing:
     its own row is the only one it touches. The tile's *backward* takes all three inputs through
-    :func:`finite_or_zero` instead (it recomputes logits and differentiates the score mod, which
+    :func:`zero_non_finite` instead (it recomputes logits and differentiates the score mod, which
     must see finite scores), and :func:`tile_backward` keeps masked entries exactly zero; the poison
     reaches the attending rows through their log-sum-exp (NaN) instead. FULL tiles have nothing
     masked and use neither: their cost does not change."""
-    k, pk = finite_or_zero(k)
-    v, pv = finite_or_zero(v)
-    return k + (pk + pv)[..., None].astype(k.dtype), v
+    # keepdims: the row's poison stays a column ([bk, 1]), never a 1-D vector (Mosaic's layouts)
+    poison = _poison(k, keepdims=True) + _poison(v, keepdims=True)
+    return _zero_non_finite(k) + poison.astype(k.dtype), _zero_non_finite(v)
 
 
 def dropout_scale(problem: Problem, q_idx: Array, kv_idx: Array, bh=None) -> Array | None:

@@ -1,5 +1,5 @@
-"""Small rules every implementation shares, defined once: rounding, the default logit scale and
-the matmul precision for an input dtype."""
+"""Small rules every implementation shares, defined once: rounding, the default logit scale, the
+matmul precision for an input dtype and powers of a decay given by its logarithm."""
 
 from __future__ import annotations
 
@@ -44,3 +44,9 @@ def precision(dtype) -> lax.Precision:
     low-precision inputs use the native MXU/tensor-core path with float32 accumulation.
     """
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
+
+
+def log_power(a, m):
+    """``log(lambda^m) = a m`` with ``lambda^0 = 1`` even for ``lambda = 0`` (``a = -inf``, no
+    memory), where ``a * 0`` would be NaN. ``m >= 0`` are integer step counts (no gradient)."""
+    return jnp.where(m == 0, 0.0, a * m.astype(jnp.float32))

@@ -204,6 +204,8 @@ def _fwd_kernel(classes_ref, order_ref, counts_ref, q_ref, k_ref, v_ref, *refs, 
     def body(kt, masked, carry):
         k = k_ref[pl.ds(kt * bk, bk), :]  # [bk, D]
         v = v_ref[pl.ds(kt * bk, bk), :]  # [bk, E]
+        if masked:  # non-finite keys and values stay in the entries the mask allows
+            k, v = tiling.poison_keys(k, v)
         kv_idx = kt * bk + lax.iota(jnp.int32, bk)
         s, _ = _tile_logits(static, problem, q, k, q_idx, kv_idx, (b, h))  # [1, 1, bq, bk]
         ok = tiling.allowed(problem, q_idx, kv_idx, (b, h)) if masked else None
@@ -268,13 +270,17 @@ def _dq_kernel(classes_ref, order_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, 
     b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     problem = static.problem(leaf_refs)
     bq, bk = static.tiles.dq
-    q, do = q_ref[...], do_ref[...]  # [bq, D], [bq, E]
+    # Non-finite entries of the program's own inputs are zeroed once, for every tile: a PARTIAL
+    # tile needs it (masked entries then contribute exactly nothing), and in a FULL tile it changes
+    # only the gradient of a non-finite input itself. A PARTIAL tile zeroes the other inputs too.
+    (q,), do = tiling.zero_non_finite(q_ref[...]), do_ref[...]  # [bq, D], [bq, E]
     lse, delta = lse_ref[...][None, None, :, None], delta_ref[...][None, None, :, None]
     q_idx = i * bq + lax.iota(jnp.int32, bq)
 
     def body(kt, masked, dq):
         k = k_ref[pl.ds(kt * bk, bk), :]
         v = v_ref[pl.ds(kt * bk, bk), :]
+        k, v = tiling.zero_non_finite(k, v) if masked else (k, v)
         kv_idx = kt * bk + lax.iota(jnp.int32, bk)
         _, ds = _tile_grads(static, problem, q, k, v, do, lse, delta, q_idx, kv_idx, (b, h), masked)
         return dq + _dot(ds, k) * static.scale
@@ -291,7 +297,7 @@ def _dkv_kernel(classes_ref, order_t_ref, counts_t_ref, q_ref, k_ref, v_ref, do_
     b, kvh, kt = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     problem = static.problem(leaf_refs)
     (bq, bk), G = static.tiles.dkv, static.dims.groups
-    k, v = k_ref[...], v_ref[...]  # [bk, D], [bk, E]
+    k, v = tiling.zero_non_finite(k_ref[...], v_ref[...])  # [bk, D], [bk, E]; as in _dq_kernel
     kv_idx = kt * bk + lax.iota(jnp.int32, bk)
     dk = jnp.zeros(k.shape, jnp.float32)
     dv = jnp.zeros(v.shape, jnp.float32)
@@ -305,6 +311,7 @@ def _dkv_kernel(classes_ref, order_t_ref, counts_t_ref, q_ref, k_ref, v_ref, do_
             lse = lse_ref[g, rows][None, None, :, None]
             delta = delta_ref[g, rows][None, None, :, None]
             q_idx = i * bq + lax.iota(jnp.int32, bq)
+            (q,) = tiling.zero_non_finite(q) if masked else (q,)
             p, ds = _tile_grads(static, problem, q, k, v, do, lse, delta, q_idx, kv_idx, (b, h), masked)
             return dk + _dot(ds.T, q) * static.scale, dv + _dot(p.T, do)
 

@@ -380,9 +380,11 @@ def _fwd_kernel(counts_ref, visits_ref, q_ref, k_ref, v_ref, *refs, static: _Sta
     def run(masked):
         problem = static.problem(leaf_refs, b, h)
         q_idx, kv_idx = _indices(i, kt, bq, bk)
-        s, _ = _logits(problem, q_ref[...], k_ref[...], q_idx, kv_idx, (b, h), meta.scale)  # [1, 1, bq, bk]
+        k, v = k_ref[...], v_ref[...]
+        if masked:  # non-finite keys and values stay in the entries the mask allows
+            k, v = tiling.poison_keys(k, v)
+        s, _ = _logits(problem, q_ref[...], k, q_idx, kv_idx, (b, h), meta.scale)  # [1, 1, bq, bk]
         ok = tiling.allowed(problem, q_idx, kv_idx, (b, h)) if masked else None
-        v = v_ref[...]
         zs = tiling.dropout_scale(problem, q_idx, kv_idx, (b, h))  # None without dropout
         if row_normalized:
             s = tiling.masked_logits(s, ok, -jnp.inf)[0, 0]  # [bq, bk]
@@ -485,10 +487,11 @@ def _dq_kernel(counts_ref, visits_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
     def run(masked):
         problem = static.problem(leaf_refs, b, h)
         q_idx, kv_idx = _indices(i, kt, bq, bk)
-        k = k_ref[...]
+        q, k, v = q_ref[...], k_ref[...], v_ref[...]
+        # In a PARTIAL tile non-finite inputs are zeroed, so they stay in the entries the mask allows.
+        q, k, v = tiling.zero_non_finite(q, k, v) if masked else (q, k, v)
         lse, delta = _row_to_col(lse_ref[...]), _row_to_col(delta_ref[...])
-        _, ds = _tile_grads(problem, q_ref[...], k, v_ref[...], do_ref[...], lse, delta,
-                            q_idx, kv_idx, (b, h), masked, scale)
+        _, ds = _tile_grads(problem, q, k, v, do_ref[...], lse, delta, q_idx, kv_idx, (b, h), masked, scale)
         acc_ref[...] += _dot(ds, k, NN) * scale
 
     pl.when(j < counts_ref[i])(lambda: _branches(run, full))
@@ -518,10 +521,10 @@ def _dkv_kernel(counts_ref, visits_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, de
     def run(masked):
         problem = static.problem(leaf_refs, b, h)
         q_idx, kv_idx = _indices(qt, kt, bq, bk)
-        q, do = q_ref[...], do_ref[...]
+        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+        q, k, v = tiling.zero_non_finite(q, k, v) if masked else (q, k, v)  # as in _dq_kernel
         lse, delta = _row_to_col(lse_ref[...]), _row_to_col(delta_ref[...])
-        p, ds = _tile_grads(problem, q, k_ref[...], v_ref[...], do, lse, delta,
-                            q_idx, kv_idx, (b, h), masked, scale)
+        p, ds = _tile_grads(problem, q, k, v, do, lse, delta, q_idx, kv_idx, (b, h), masked, scale)
         dv_acc[...] += _dot(p.T, do, NN)
         dk_acc[...] += _dot(ds.T, q, NN) * scale
 

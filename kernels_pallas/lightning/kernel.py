@@ -38,7 +38,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from attnjax.core.utils import round_up
+from attnjax.core import tiling
+from attnjax.core.utils import log_power, round_up
 
 from .. import backend
 
@@ -64,74 +65,108 @@ def _dot(x, y, contract=(1, 0), dtype=F32):
 
 
 class _Chunk:
-    """Decays and document masks of chunk ``i`` (all exponents ``<= 0``)."""
+    """Decays and document masks of chunk ``i`` (all exponents ``<= 0``). Decays are powers
+    ``lambda^m`` of integer step counts ``m`` (``log_power``: exact for ``lambda = 0``, where a
+    difference of log decays would be ``-inf + inf``)."""
 
     def __init__(self, static: _Static, a, d_ref, i):
         C = static.block
         self.start = pl.multiple_of(i * C, C)
         j = lax.broadcasted_iota(jnp.int32, (C,), 0)
         real = jnp.clip(static.length - self.start, 0, C)
-        self.A = a * jnp.minimum(j + 1, real).astype(F32)  # [C] log decay from chunk start
-        self.A_last = a * real.astype(F32)  # scalar
+        m = jnp.minimum(j + 1, real)  # [C] decay steps from the chunk start (padding adds none)
+        self.A = log_power(a, m)  # [C] log decay from chunk start
+        self.A_last = log_power(a, real)  # scalar
+        self.A_rest = log_power(a, real - m)  # [C]: A_last - A
         self.doc = d_ref[0, pl.ds(self.start, C)]  # [C]
         self.doc_first = d_ref[0, pl.ds(self.start, 1)]  # [1]
         self.doc_last = d_ref[0, pl.ds(self.start + C - 1, 1)]  # [1]
         row = lax.broadcasted_iota(jnp.int32, (C, C), 0)
         col = lax.broadcasted_iota(jnp.int32, (C, C), 1)
-        ok = (row >= col) & (self.doc[:, None] == self.doc[None, :])
-        self.M = jnp.exp(jnp.where(ok, self.A[:, None] - self.A[None, :], -jnp.inf))  # [C, C]
+        self._ok = (row >= col) & (self.doc[:, None] == self.doc[None, :])
+        self._decay = log_power(a, m[:, None] - m[None, :])  # [C, C], used where _ok only
+
+    def mask(self, poison=None):
+        """``M [C, C]``: the decays where the mask allows, else exactly 0; ``poison`` (NaN or 0,
+        broadcasting to ``[C, C]``) goes into the exponent, so it reaches allowed entries only."""
+        exponent = self._decay if poison is None else self._decay + poison
+        return jnp.exp(jnp.where(self._ok, exponent, -jnp.inf))
 
     def rows(self, ref, C):
         return ref[pl.ds(self.start, C), :]  # [C, width], input dtype
 
+    def clean_rows(self, ref, C):
+        """The chunk's rows with non-finite entries zeroed, and their poison ``[C]`` (NaN or 0)."""
+        return tiling.finite_or_zero(self.rows(ref, C))
+
 
 def _fwd_kernel(a_ref, d_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, sT_ref, *, static: _Static):
+    # Non-finite inputs reach only the tokens that attend them (as attnjax.ops.lightning.xla):
+    # q, k, v enter the products zeroed, and their poison (NaN) enters the exponents of the
+    # decays, where the mask's -inf removes it: the chunk's mask gets each row's own query poison
+    # and each column's key/value poison; the state stays finite and carries its poison beside
+    # it (a [1] scalar), which crosses a document boundary by where and enters the decays of the
+    # rows that read the state.
     C, n = static.block, q_ref.shape[0] // static.block
     a, lo = a_ref[0, 0], q_ref.dtype
 
     def body(i, carry):
-        S, doc_prev = carry  # [D, E] float32, [1]
+        S, poison, doc_prev = carry  # [D, E] float32 (finite), [1] its poison, [1]
         c = _Chunk(static, a, d_ref, i)
-        q, k, v = c.rows(q_ref, C), c.rows(k_ref, C), c.rows(v_ref, C)  # [C, D], [C, D], [C, E]
-        qw = jnp.exp(jnp.where(c.doc == doc_prev, c.A, -jnp.inf))  # [C]: state reaches these rows
-        p = _dot(q, k, (1, 1), lo) * c.M  # [C, C]
+        (q, pq), (k, pk), (v, pv) = c.clean_rows(q_ref, C), c.clean_rows(k_ref, C), c.clean_rows(v_ref, C)
+        pkv = pk + pv  # [C]
+        reads = c.doc == doc_prev  # [C]: the state reaches these rows
+        qw = jnp.exp(jnp.where(reads, c.A + poison, -jnp.inf))  # [C]
+        p = _dot(q, k, (1, 1), lo) * c.mask(pq[:, None] + pkv[None, :])  # [C, C]
         o = _dot(p, v, dtype=lo) + _dot(q.astype(F32) * qw[:, None], S)  # [C, E]
         o_ref[pl.ds(c.start, C), :] = (static.scale * o).astype(o_ref.dtype)
-        w = jnp.exp(jnp.where(c.doc == c.doc_last, c.A_last - c.A, -jnp.inf))  # [C]
-        keep = jnp.where(c.doc_last == doc_prev, jnp.exp(c.A_last), 0.0)  # [1]
-        return keep[:, None] * S + _dot(k.astype(F32) * w[:, None], v, (0, 0), lo), c.doc_last
+        in_last = c.doc == c.doc_last  # [C]: the keys the state after the chunk holds
+        w = jnp.exp(jnp.where(in_last, c.A_rest, -jnp.inf))  # [C]
+        cont = c.doc_last == doc_prev  # [1]
+        keep = jnp.where(cont, jnp.exp(c.A_last), 0.0)  # [1]
+        S = keep[:, None] * S + _dot(k.astype(F32) * w[:, None], v, (0, 0), lo)
+        poison = jnp.where(cont, poison, 0.0) + jnp.where(in_last, pkv, 0.0).sum()
+        return S, poison, c.doc_last
 
-    S, _ = lax.fori_loop(0, n, body, (s0_ref[...].astype(F32), d_ref[0, pl.ds(0, 1)]))
-    sT_ref[...] = S
+    s0, p0 = tiling.finite_or_zero(s0_ref[...].astype(F32))  # p0 [D]
+    init = (s0, jnp.zeros((1,), F32) + p0.sum(), d_ref[0, pl.ds(0, 1)])
+    S, poison, _ = lax.fori_loop(0, n, body, init)
+    sT_ref[...] = S + poison[:, None]
 
 
 def _bwd_kernel(a_ref, d_ref, q_ref, k_ref, v_ref, s0_ref, do_ref, dsT_ref,
                 dq_ref, dk_ref, dv_ref, ds0_ref, *, static: _Static):
     # The scale is folded into dO: o = scale * (...) means every gradient sees scale * dO.
+    # Inputs enter with non-finite entries zeroed (the forward's poison is not recomputed): the
+    # masks are exact zeros, so masked entries contribute exactly nothing (no 0 * NaN).
     C, n = static.block, q_ref.shape[0] // static.block
     a, lo = a_ref[0, 0], q_ref.dtype
     d_out = lambda c: static.scale * c.rows(do_ref, C).astype(F32)  # [C, E]
+    clean = lambda c, ref: tiling.zero_non_finite(c.rows(ref, C))[0]
 
     def forward_sweep(i, carry):  # dQ, recomputing the states
         S, doc_prev = carry
         c = _Chunk(static, a, d_ref, i)
-        k, v, do = c.rows(k_ref, C), c.rows(v_ref, C), d_out(c)
+        k, v, do = clean(c, k_ref), clean(c, v_ref), d_out(c)
         qw = jnp.exp(jnp.where(c.doc == doc_prev, c.A, -jnp.inf))
-        dq = _dot(_dot(do, v, (1, 1), lo) * c.M, k, dtype=lo) + _dot(do * qw[:, None], S, (1, 1))  # [C, D]
+        dp = _dot(do, v, (1, 1), lo) * c.mask()  # [C, C]
+        dq = _dot(dp, k, dtype=lo) + _dot(do * qw[:, None], S, (1, 1))  # [C, D]
         dq_ref[pl.ds(c.start, C), :] = dq.astype(dq_ref.dtype)
-        w = jnp.exp(jnp.where(c.doc == c.doc_last, c.A_last - c.A, -jnp.inf))
+        w = jnp.exp(jnp.where(c.doc == c.doc_last, c.A_rest, -jnp.inf))
         keep = jnp.where(c.doc_last == doc_prev, jnp.exp(c.A_last), 0.0)
         return keep[:, None] * S + _dot(k.astype(F32) * w[:, None], v, (0, 0), lo), c.doc_last
 
-    lax.fori_loop(0, n, forward_sweep, (s0_ref[...].astype(F32), d_ref[0, pl.ds(0, 1)]))
+    (s0,) = tiling.zero_non_finite(s0_ref[...].astype(F32))
+    lax.fori_loop(0, n, forward_sweep, (s0, d_ref[0, pl.ds(0, 1)]))
 
     def reverse_sweep(r, carry):  # dK, dV and the state cotangent G, last chunk first
         G, doc_next = carry  # [D, E]: d loss / d state, decayed into the previous chunk; [1]
         c = _Chunk(static, a, d_ref, n - 1 - r)
-        q, k, v, do = c.rows(q_ref, C), c.rows(k_ref, C), c.rows(v_ref, C), d_out(c)
-        w = jnp.exp(jnp.where(c.doc == doc_next, c.A_last - c.A, -jnp.inf))  # [C]: G reaches these keys
-        p = _dot(q, k, (1, 1), lo) * c.M  # [C, C]
-        dp = _dot(do, v, (1, 1), lo) * c.M  # [C, C]
+        q, k, v, do = clean(c, q_ref), clean(c, k_ref), clean(c, v_ref), d_out(c)
+        w = jnp.exp(jnp.where(c.doc == doc_next, c.A_rest, -jnp.inf))  # [C]: G reaches these keys
+        M = c.mask()  # [C, C]
+        p = _dot(q, k, (1, 1), lo) * M  # [C, C]
+        dp = _dot(do, v, (1, 1), lo) * M  # [C, C]
         dv = _dot(p, do, (0, 0), lo) + _dot(k.astype(F32) * w[:, None], G)  # [C, E]
         dk = _dot(dp, q, (0, 0), lo) + _dot(v.astype(F32) * w[:, None], G, (1, 1))  # [C, D]
         dv_ref[pl.ds(c.start, C), :] = dv.astype(dv_ref.dtype)

@@ -16,6 +16,7 @@ import pytest
 from attnjax import masks, ops, score_mods
 from attnjax.core import platform
 from tests import harness
+from tests.suites import check_poison_causal, check_poison_padding
 
 B, T, S, H, K = 1, 256, 384, 4, 2
 TILES = ops.BlockSizes(128, 128)  # small inputs cross several tiles (2 x 3)
@@ -83,3 +84,14 @@ def test_tpu_flash_declines_what_it_cannot_serve():
                    dict(block_sizes=ops.BlockSizes(64, 64))):
             with pytest.raises(NotImplementedError):
                 ops.attention(q, k, v, implementation="pallas", **kw)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("normalizer", ["softmax", "sigmoid"])
+def test_tpu_flash_confines_poison(normalizer):
+    """Non-finite keys, values and queries reach only the entries the mask allows (the generic
+    suite's checks: a poisoned causal position, NaN padding)."""
+    op = lambda q, k, v, **kw: ops.attention(q, k, v, implementation="pallas", **kw)
+    with platform.target("tpu", interpret=True):
+        check_poison_causal(op, normalizer)
+        check_poison_padding(lambda q, k, v, **kw: op(q, k, v, normalizer=normalizer, **kw))

@@ -17,9 +17,6 @@ class TestPallas(AttentionSuite):
     implementation = "pallas"
     supports_bias = False
     supports_param_grads = False
-    # The kernels compute p @ v, dS K and dS^T Q with raw inputs: 0 * NaN in masked entries
-    # (the kernel part of issue 17 follows the GPU rewrite: attnjax.core.tiling.guard per PARTIAL tile).
-    confines_poison = False
 
 
 @pytest.mark.parametrize("normalizer", ["softmax", "sigmoid"])

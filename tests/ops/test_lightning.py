@@ -194,7 +194,6 @@ class TestXla(LightningSuite):
 
 class TestPallas(LightningSuite):
     implementation = "pallas"
-    kernel_confines_poison = False
 
 
 @pytest.mark.parametrize("form", ["recurrence", "dense"])

@@ -297,7 +297,6 @@ class TestPallas(NeighborhoodSuite):
     """The block-sparse kernels in interpret mode (kernels_pallas.backend picks it on CPU)."""
 
     implementation = "pallas"
-    confines_poison = False  # the flash kernels' part of issue 17 (see tests/ops/test_attention_pallas.py)
 
 
 def test_pallas_plan_skips_empty_tiles():

@@ -102,7 +102,7 @@ def _tile_inputs(q_i, k, v, clean, kt, bk, masked: bool):
     (nothing is masked, so nothing to confine), for a PARTIAL tile those of ``clean`` (computed once
     per call, ``O(S D)``, so no tile pays for it): in the forward, the keys and values of
     :func:`attnjax.core.tiling.poison_keys` and the raw query, in the backward all three through
-    :func:`attnjax.core.tiling.finite_or_zero` (``clean = (q_i, k, v)`` cleaned)."""
+    :func:`attnjax.core.tiling.zero_non_finite` (``clean = (q_i, k, v)`` cleaned)."""
     if not masked:
         return q_i, _keys(k, kt, bk), _keys(v, kt, bk)
     q_c, k_c, v_c = clean
@@ -198,7 +198,7 @@ def _backward(tiles: tiling.Tiling, differentiable: bool, q, k, v, bias, problem
     delta = (d_out * f32(out)).sum(-1).transpose(0, 2, 1) - d_lse
     lse = jnp.where(jnp.isneginf(lse), 0.0, lse)  # rows with no key: their p is 0 regardless
 
-    q_c, k_c, v_c = (tiling.finite_or_zero(x)[0] for x in (q, k, v)) if _may_mask(problem, k) else (q, k, v)
+    q_c, k_c, v_c = tiling.zero_non_finite(q, k, v) if _may_mask(problem, k) else (q, k, v)
 
     def tile_row(carry, i):
         sl = lambda x, axis: lax.dynamic_slice_in_dim(x, i * bq, bq, axis=axis)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from attnjax.core.tiling import finite_or_zero
-from attnjax.core.utils import round_up
+from attnjax.core.utils import log_power, round_up
 
 HI = lax.Precision.HIGHEST
 # Chunks processed per sequential step: enough parallel work per step, a working set that stays
@@ -44,15 +44,9 @@ CHUNKS_PER_STEP = 16
 def chunk_steps(length: int, n: int, C: int):
     """``steps[i, j]``: how many decays token ``j`` of chunk ``i`` is from the start of its chunk
     (1 per real token through ``j``, 0 per padding token), ``[n, C]`` int32. A log decay over
-    ``m`` steps is :func:`log_power` ``(a, m)``."""
+    ``m`` steps is :func:`attnjax.core.utils.log_power` ``(a, m)``."""
     real = jnp.clip(length - jnp.arange(n) * C, 0, C)[:, None]  # real tokens per chunk, [n, 1]
     return jnp.minimum(jnp.arange(1, C + 1)[None, :], real).astype(jnp.int32)  # [n, C]
-
-
-def log_power(a, m):
-    """``log(lambda^m) = a m`` with ``lambda^0 = 1`` even for ``lambda = 0`` (``a = -inf``, no
-    memory), where ``a * 0`` would be NaN. ``m >= 0`` are integers (no gradient)."""
-    return jnp.where(m == 0, 0.0, a * m.astype(jnp.float32))
 
 
 def forward(q, k, v, a, docs, s0, scale, block_size: int):
