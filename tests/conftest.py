@@ -36,12 +36,22 @@ SLOW = (
     "attnjax/ops/sparse/", "attnjax/nn/routing.py::", "attnjax/parallel/api.py::",
 )
 FAST_EXPERIMENTS = ("test_bad_configs",)  # config checks; the training runs are slow
+# A parametrized check of an op or module compiles a program per case: the fast tier keeps the first
+# FAST_CASES cases of each (parameter lists put their most telling cases first) and the full suite
+# runs them all. Mask and core cases are plain Python on tiny arrays and all stay fast.
+FAST_CASES = 2
+ALL_CASES = ("tests/masks/", "tests/core/")
 
 
 def pytest_collection_modifyitems(config, items):
+    cases: dict[str, int] = {}
     for item in items:
         nodeid = item.nodeid
         training = nodeid.startswith("tests/test_experiments.py::") and not any(f in nodeid for f in FAST_EXPERIMENTS)
+        function = nodeid.partition("[")[0]
+        if function != nodeid and not nodeid.startswith(ALL_CASES):
+            cases[function] = cases.get(function, 0) + 1
+        later_case = cases.get(function, 0) > FAST_CASES
         # Real accelerator compiles (marker compile, CI's second step) are never in the fast tier.
-        if training or item.get_closest_marker("compile") or any(pattern in nodeid for pattern in SLOW):
+        if training or later_case or item.get_closest_marker("compile") or any(p in nodeid for p in SLOW):
             item.add_marker(pytest.mark.slow)

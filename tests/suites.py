@@ -45,8 +45,9 @@ def make_mask(kind, shape: Shape):
     }[kind]
 
 
-MASKS = ["none", "causal", "window", "window_lr", "chunked_causal", "prefix_lm", "document",
-         "document_causal", "not_window", "from_fn"]
+# The first is what the fast tier runs (tests/conftest.py): partial tiles, segments and causality.
+MASKS = ["document_causal", "none", "causal", "window", "window_lr", "chunked_causal", "prefix_lm",
+         "document", "not_window", "from_fn"]
 
 
 # -- poison: non-finite inputs reach only the entries the mask allows -------------------------------
