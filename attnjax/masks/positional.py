@@ -1,6 +1,7 @@
 """Positional masks: causal, sliding window, chunked and prefix-LM, aligned bottom-right
-(query ``i`` of ``T`` sits at position ``i + S - T`` among ``S`` keys); padding (sequence
-lengths), on raw positions."""
+(query ``i`` of ``T`` sits at position ``i + S - T`` among ``S`` keys, as when decoding with a
+cache; causal and sliding windows also top-left, position ``i``, as jax.nn and Flax align
+them); padding (sequence lengths), on raw positions."""
 
 from __future__ import annotations
 
@@ -16,27 +17,40 @@ from attnjax.core.tiling import take
 from attnjax.masks.base import Mask
 
 
-@pytree_dataclass()
+ALIGNMENTS = ("bottom_right", "top_left")
+
+
+def _alignment(align: str) -> bool:
+    """``top_left`` as a bool (the masks' static field), after checking ``align``."""
+    if align not in ALIGNMENTS:
+        raise ValueError(f"align must be one of {ALIGNMENTS}; got {align!r}")
+    return align == "top_left"
+
+
+@pytree_dataclass(meta=("top_left",))
 class Causal(Mask):
+    top_left: bool = False
+
     def predicate(self, q_len, kv_len, b, h, q_idx, kv_idx):
-        return kv_idx <= q_idx + (kv_len - q_len)
+        return kv_idx <= q_idx + (0 if self.top_left else kv_len - q_len)
 
     def bounds(self, tiles, batch):
-        off = tiles.offset
+        off = 0 if self.top_left else tiles.offset
         return tiles.kv_lo <= tiles.q_hi + off, tiles.kv_hi <= tiles.q_lo + off
 
 
-@pytree_dataclass(meta=("left", "right"))
+@pytree_dataclass(meta=("left", "right", "top_left"))
 class SlidingWindow(Mask):
     left: int
     right: int
+    top_left: bool = False
 
     def predicate(self, q_len, kv_len, b, h, q_idx, kv_idx):
-        pos = q_idx + (kv_len - q_len)
+        pos = q_idx + (0 if self.top_left else kv_len - q_len)
         return (kv_idx >= pos - self.left) & (kv_idx <= pos + self.right)
 
     def bounds(self, tiles, batch):
-        off = tiles.offset
+        off = 0 if self.top_left else tiles.offset
         may_any = (tiles.kv_hi >= tiles.q_lo + off - self.left) & (
             tiles.kv_lo <= tiles.q_hi + off + self.right
         )
@@ -117,19 +131,22 @@ class QueryPrefix(Mask):
             )
 
 
-def causal() -> Mask:
-    """Causal mask, bottom-right aligned: query ``i`` sees keys ``kv <= i + S - T``."""
-    return Causal()
+def causal(align: str = "bottom_right") -> Mask:
+    """Causal mask: query ``i`` sees keys ``kv <= i + S - T`` (``align="bottom_right"``, the
+    library's convention, right for decoding with a cache) or ``kv <= i`` (``"top_left"``, what
+    ``jax.nn.dot_product_attention(is_causal=True)`` and Flax mean). Both agree when ``T == S``."""
+    return Causal(_alignment(align))
 
 
-def sliding_window(left: int, right: int = 0) -> Mask:
-    """Band mask: query ``i`` (at position ``p = i + S - T``) sees keys ``p - left .. p + right``.
+def sliding_window(left: int, right: int = 0, align: str = "bottom_right") -> Mask:
+    """Band mask: query ``i`` (at position ``p = i + S - T``, or ``p = i`` with
+    ``align="top_left"`` as jax.nn's ``local_window_size``) sees keys ``p - left .. p + right``.
 
     ``sliding_window(w)`` is causal local attention over the ``w`` previous tokens and itself.
     """
     left = _checks.positive_int("sliding_window left", left, allow_zero=True)
     right = _checks.positive_int("sliding_window right", right, allow_zero=True)
-    return SlidingWindow(left, right)
+    return SlidingWindow(left, right, _alignment(align))
 
 
 def chunked(size: int) -> Mask:

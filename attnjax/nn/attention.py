@@ -104,8 +104,10 @@ class MultiHeadAttention(nnx.Module):
         (:class:`attnjax.nn.layers.OutputGate`, parameter ``gate``).
       rngs: parameter initialization and (``rngs.dropout``) dropout randomness.
       keep_rngs: keep a fork of ``rngs.dropout`` for dropout (as Flax).
-      kernel_metadata, out_kernel_metadata, bias_metadata, out_bias_metadata,
-        query_ln_scale_metadata, key_ln_scale_metadata: variable metadata (e.g. sharding), as Flax.
+      kernel_metadata: variable metadata of the projections' kernels, as Flax (likewise
+        ``out_kernel_metadata``, ``bias_metadata``, ``out_bias_metadata``,
+        ``query_ln_scale_metadata``, ``key_ln_scale_metadata``); by default the library's logical
+        axes (:mod:`attnjax.nn.sharding`).
 
     **Calling.** ``mha(inputs_q, inputs_k=None, inputs_v=None, *, mask=None, ...)`` takes
     ``[batch..., length, features]`` inputs (``inputs_k`` defaults to ``inputs_q``, ``inputs_v``

@@ -123,7 +123,8 @@ def param_shardings(tree, mesh: Mesh, rules: Rules | None = None):
     >>> from attnjax import nn, parallel
     >>> model = nn.MultiHeadAttention(4, 16, rngs=nnx.Rngs(0))
     >>> mesh = parallel.make_mesh({"fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    >>> tuple(parallel.param_shardings(nnx.state(model), mesh)["query"]["kernel"].spec)
+    >>> shardings = parallel.param_shardings(nnx.state(model), mesh)
+    >>> tuple(shardings.query.kernel.spec)
     ('fsdp', 'tensor', None)
     """
     from flax import nnx  # parameters are flax.nnx variables; attnjax.parallel needs flax only here

@@ -55,10 +55,15 @@ def test_what_cudnn_cannot_serve_declines(case):
         jax_nn_arguments(_problem(q, k, v, **kw), dtype, kw.get("bias"), False)
 
 
-def test_cross_attention_with_a_causal_mask_declines():
+def test_cross_attention_serves_top_left_masks_only():
+    """jax.nn aligns its masks top-left: a top-left causal or window passes on with T != S, the
+    library's bottom-right ones decline."""
     q, k, v = Shape(B=1, T=8, S=20, H=2, K=2, D=16, E=16).qkv(jax.random.key(1), jnp.bfloat16)
     with pytest.raises(NotImplementedError, match="T != S"):
         jax_nn_arguments(_problem(q, k, v, masks.causal()), q.dtype, None, False)
+    top_left = masks.causal(align="top_left") & masks.sliding_window(3, align="top_left")
+    got = jax_nn_arguments(_problem(q, k, v, top_left), q.dtype, None, False)
+    assert got["is_causal"] and got["local_window_size"] == (3, 0)
     with pytest.raises(NotImplementedError, match="return_lse"):
         jax_nn_arguments(_problem(q, k, v), q.dtype, None, True)
 

@@ -1,8 +1,9 @@
 """Parity with ``jax.nn.dot_product_attention``: attnjax masks against jax.nn's arguments, and
 the drop-in table (the same jax.nn call through both functions).
 
-jax.nn aligns ``is_causal`` top-left, so causal cases use T == S (where both alignments agree).
-Its ``local_window_size=(left, right)`` is our ``sliding_window(left, right)``.
+jax.nn aligns ``is_causal`` top-left, so the mask-object cases use T == S (where both alignments
+agree); the drop-in table passes ``is_causal`` itself, also with T != S. Its
+``local_window_size=(left, right)`` is our ``sliding_window(left, right, align="top_left")``.
 """
 
 from __future__ import annotations
@@ -117,6 +118,9 @@ TABLE = {
         dict(T=CROSS_T, S=CROSS_S),
         dict(mask=_bool(10, (B, 1, CROSS_T, CROSS_S)), key_value_seq_lengths=_lengths(CROSS_S, 30)),
     ),
+    "cross_causal": (dict(T=CROSS_T, S=CROSS_S), dict(is_causal=True)),  # top-left, as jax.nn
+    "cross_causal_longer_queries": (dict(T=CROSS_S, S=CROSS_T), dict(is_causal=True)),
+    "cross_window": (dict(T=CROSS_T, S=CROSS_S), dict(local_window_size=(3, 2))),
     "unbatched_causal": (dict(B=None), dict(is_causal=True)),
     "positional_bias_mask": (
         {},

@@ -64,9 +64,10 @@ def attention(
     them are combined by ``&`` with ``mask``, so the blockwise paths skip the tiles they hide.
     Where attnjax differs from jax.nn:
 
-    * ``is_causal`` and ``local_window_size`` are aligned bottom-right when ``T != S`` (query ``i``
-      sits at position ``i + S - T``, as in decoding with a cache), jax.nn aligns them top-left;
-      they agree when ``T == S``;
+    * ``is_causal`` and ``local_window_size`` are aligned top-left as in jax.nn (query ``i`` sits
+      at position ``i``), but the library's own positional masks (``mask=masks.causal()``) align
+      bottom-right (position ``i + S - T``, as when decoding with a cache); they agree when
+      ``T == S``;
     * a query row with no allowed key gives zeros; jax.nn gives the mean of the values (except
       for rows past ``query_seq_lengths``, which it also zeroes);
     * jax.nn's ``return_residual`` is ``return_lse`` (float32, ``-inf`` for rows with no key);
@@ -85,14 +86,14 @@ def attention(
         ``[B, H, T, S]`` as in jax.nn (an ``O(T S)`` :func:`attnjax.masks.dense` mask: prefer the
         analytic masks and the arguments below, which cost nothing and let tiles be skipped).
       scale: logit scale; default ``1 / sqrt(D)``.
-      is_causal: add :func:`attnjax.masks.causal` (query ``i`` sees keys ``<= i + S - T``).
+      is_causal: add ``masks.causal(align="top_left")`` (query ``i`` sees keys ``<= i``, as jax.nn).
       query_seq_lengths: ``[B]`` integers: queries at positions ``>= query_seq_lengths[b]`` are
         padding, see no key and give zeros (:func:`attnjax.masks.padding`).
       key_value_seq_lengths: ``[B]`` integers: keys at positions ``>= key_value_seq_lengths[b]``
         are padding (:func:`attnjax.masks.padding`).
-      local_window_size: ``(left, right)``: query ``i`` (at position ``p``) sees keys
-        ``p - left .. p + right`` (:func:`attnjax.masks.sliding_window`); an int ``w`` means
-        ``(w, w)``, as in jax.nn.
+      local_window_size: ``(left, right)``: query ``i`` sees keys ``i - left .. i + right``
+        (``masks.sliding_window(left, right, align="top_left")``); an int ``w`` means ``(w, w)``,
+        as in jax.nn.
       implementation: ``None`` (best for the platform: on a GPU cuDNN for what it serves, then
         Pallas, then xla), ``"reference"`` (dense), ``"xla"`` (blockwise, memory
         ``O(T * block)``, skips empty tiles), ``"pallas"`` (the flash kernels), ``"cudnn"``
@@ -247,9 +248,9 @@ def jax_nn_mask(
     if not isinstance(is_causal, (bool, np.bool_)):
         raise TypeError(f"is_causal must be a Python bool; got {type(is_causal).__name__}")
     if is_causal:
-        parts.append(masks.causal())
+        parts.append(masks.causal(align="top_left"))
     if local_window_size is not None:
-        parts.append(masks.sliding_window(*_window(local_window_size)))
+        parts.append(masks.sliding_window(*_window(local_window_size), align="top_left"))
     if key_value_seq_lengths is not None:
         parts.append(KeyPrefix(_seq_lengths("key_value_seq_lengths", key_value_seq_lengths, B)))
     if query_seq_lengths is not None:

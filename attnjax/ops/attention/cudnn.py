@@ -21,8 +21,8 @@ from attnjax.normalizers import Softmax
 
 def jax_nn_arguments(problem: Problem, dtype, bias, return_lse: bool) -> dict:
     """The ``jax.nn.dot_product_attention`` keywords that compute ``problem``, or
-    NotImplementedError saying what cuDNN cannot serve. (jax.nn aligns its masks top-left, ours
-    bottom-right: they agree for ``T == S``, the only case passed on.)"""
+    NotImplementedError saying what cuDNN cannot serve. (jax.nn aligns its masks top-left: a
+    bottom-right mask, the library's default, is passed on only for ``T == S``, where they agree.)"""
     d = problem.dims
 
     def decline(why):
@@ -40,17 +40,17 @@ def jax_nn_arguments(problem: Problem, dtype, bias, return_lse: bool) -> dict:
         decline(f"{jnp.dtype(dtype).name} inputs (bf16 and f16 only)")
     if d.head_dim != d.v_dim or d.head_dim > 128 or d.head_dim % 8:
         decline(f"head dims D={d.head_dim}, E={d.v_dim} (D == E, a multiple of 8, at most 128)")
-    mask, window, causal = problem.mask, None, False
+    mask, window, causal, positional = problem.mask, None, False, ()
     if isinstance(mask, And) and isinstance(mask.a, Causal) and isinstance(mask.b, SlidingWindow):
-        causal, window = True, (mask.b.left, 0)
+        causal, window, positional = True, (mask.b.left, 0), (mask.a, mask.b)
     elif isinstance(mask, Causal):
-        causal = True
+        causal, positional = True, (mask,)
     elif isinstance(mask, SlidingWindow):
-        window = (mask.left, mask.right)
+        window, positional = (mask.left, mask.right), (mask,)
     elif mask is not None:
         decline(f"the {type(mask).__name__} mask (causal and sliding windows only)")
-    if (causal or window is not None) and d.q_len != d.kv_len:
-        decline("a positional mask with T != S (jax.nn aligns it top-left, attnjax bottom-right)")
+    if d.q_len != d.kv_len and not all(m.top_left for m in positional):
+        decline("a bottom-right aligned positional mask with T != S (jax.nn aligns them top-left)")
     return dict(scale=problem.scale, is_causal=causal, local_window_size=window)
 
 

@@ -148,7 +148,7 @@ def routing_attention(
       q, k, v: ``[B, T, H, D]``, ``[B, S, K, D]``, ``[B, S, K, E]`` (``K`` divides ``H``).
       centroids: ``[H, C, D]`` cluster centroids (state; see :func:`routing_update`).
       window: cluster size (see :func:`routing_clusters`).
-      is_causal: also require ``s <= t + S - T`` (bottom-right alignment).
+      is_causal: also require ``s <= t`` (self-attention: needs ``T == S``, so no alignment question).
       scale: logit scale, default ``1 / sqrt(D)``.
       implementation: ``"reference"`` (dense, with the multiplicity matrix ``m``) or
         ``"xla"``/None (gather each cluster, attend within it, merge by log-sum-exp).
@@ -162,7 +162,7 @@ def routing_attention(
     >>> out.shape, bool(jnp.allclose(out, ref, atol=1e-5))
     ((1, 32, 2, 8), True)
     """
-    B, T, S, H, K, D, E = _checks.check_qkv(q, k, v)
+    B, T, S, H, K, D, E = _checks.check_qkv(q, k, v, same_length=is_causal)
     _check_centroids(centroids, H, D)
     q_idx, k_idx = routing_clusters(centroids, q, k, window=window)
     impls = {
