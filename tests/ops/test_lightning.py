@@ -86,20 +86,10 @@ def check_no_memory(op, T=70):
 class LightningSuite:
     implementation = "xla"
     block_size = 32
-    # The kernels multiply by 0 where a document or the causal mask should cut (0 * NaN), and
-    # compute lambda^0 as exp(-inf * 0): the kernel part of issue 17 follows the GPU rewrite.
-    kernel_confines_poison = True
-
-    def _kernel_xfail(self, request):
-        if not self.kernel_confines_poison:
-            request.applymarker(pytest.mark.xfail(strict=True, reason="kernel part follows the GPU rewrite"))
-
-    def test_poison_stays_in_its_document(self, request):
-        self._kernel_xfail(request)
+    def test_poison_stays_in_its_document(self):
         check_poison(self.op)
 
-    def test_no_memory(self, request):
-        self._kernel_xfail(request)
+    def test_no_memory(self):
         check_no_memory(self.op)
 
     def op(self, q, k, v, **kw):
