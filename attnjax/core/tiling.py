@@ -336,15 +336,16 @@ def allowed(problem: Problem, q_idx: Array, kv_idx: Array, bh=None) -> Array:
     return valid & problem.mask.predicate(*problem.lengths, *indices)
 
 
-def finite_or_zero(x: Array) -> tuple[Array, Array]:
+def finite_or_zero(x: Array, keepdims: bool = False) -> tuple[Array, Array]:
     """``(x with its non-finite entries zeroed, poison)``, ``poison`` float32 of shape
-    ``x.shape[:-1]``: 0 where the row ``x[..., :]`` is finite, NaN where it is not.
+    ``x.shape[:-1]`` (``keepdims``: ``x.shape[:-1] + (1,)``, a column, as Mosaic's 2-D layouts
+    need): 0 where the row ``x[..., :]`` is finite, NaN where it is not.
 
     The two halves of confining a non-finite input to the entries the mask allows (see
     :func:`guard`): the clean ``x`` goes into products, where a masked entry's weight 0 times a
     finite number is 0 (``0 * NaN`` would be NaN), and the poison goes into the logits, where
     the mask then removes it from masked entries and keeps it (NaN) in allowed ones."""
-    return _zero_non_finite(x), _poison(x)
+    return _zero_non_finite(x), _poison(x, keepdims)
 
 
 def _poison(x: Array, keepdims: bool = False) -> Array:

@@ -64,6 +64,14 @@ def _dot(x, y, contract=(1, 0), dtype=F32):
     return lax.dot_general(x.astype(dtype), y.astype(dtype), dims, preferred_element_type=F32, precision=prec)
 
 
+def decay_mask(ok, decay, poison=None):
+    """A chunk's mask ``M``: ``exp(decay)`` where ``ok`` (causal and same document), else exactly
+    0 (``exp(-inf)``: zero values and zero gradients); ``poison`` (NaN or 0, broadcasting to the
+    mask) goes into the exponent, so it reaches allowed entries only. Shared with the TPU kernel."""
+    exponent = decay if poison is None else decay + poison
+    return jnp.exp(jnp.where(ok, exponent, -jnp.inf))
+
+
 class _Chunk:
     """Decays and document masks of chunk ``i`` (all exponents ``<= 0``). Decays are powers
     ``lambda^m`` of integer step counts ``m`` (``log_power``: exact for ``lambda = 0``, where a
@@ -87,10 +95,8 @@ class _Chunk:
         self._decay = log_power(a, m[:, None] - m[None, :])  # [C, C], used where _ok only
 
     def mask(self, poison=None):
-        """``M [C, C]``: the decays where the mask allows, else exactly 0; ``poison`` (NaN or 0,
-        broadcasting to ``[C, C]``) goes into the exponent, so it reaches allowed entries only."""
-        exponent = self._decay if poison is None else self._decay + poison
-        return jnp.exp(jnp.where(self._ok, exponent, -jnp.inf))
+        """``M [C, C]`` (:func:`decay_mask`), ``poison`` broadcasting to ``[C, C]``."""
+        return decay_mask(self._ok, self._decay, poison)
 
     def rows(self, ref, C):
         return ref[pl.ds(self.start, C), :]  # [C, width], input dtype

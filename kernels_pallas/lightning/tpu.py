@@ -21,6 +21,11 @@ Forward: ``O_i = (Q_i K_i^T * M_i) V_i + (Q_i * qw_i) S_{i-1}``, ``S_i = keep_i 
 chunks forward recomputing ``S``; ``dk, dv`` walk them backward (index maps reverse the chunk
 order) carrying ``G = dL/dS`` from ``dS_T``, and write ``dS_0``. ``d log_decay`` is the GPU
 kernel's identity, computed outside the calls.
+
+Non-finite inputs and ``log_decay = -inf`` as in the GPU kernel (docs/lightning.md): decays are
+``lambda^m`` of integer steps (``log_power``); the forward cleans each chunk's ``q, k, v`` and
+puts their poison into the exponent of the chunk's mask, and carries the state's poison in a
+``(1, 1)`` VMEM scratch beside the finite state; the backward kernels clean their inputs.
 """
 
 from __future__ import annotations
@@ -34,11 +39,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from attnjax.core import tiling
 from attnjax.core.blocks import BlockSizes
-from attnjax.core.utils import round_up
+from attnjax.core.utils import log_power, round_up
 
 from .. import backend
 from ..flash.tpu import LANES
+from .kernel import decay_mask
 
 F32 = jnp.float32
 EDGES = 4  # per chunk in the SMEM table: first doc, last doc, previous chunk's last, next chunk's first
@@ -70,8 +77,20 @@ def _row_to_col(x):
     return jnp.broadcast_to(x, (LANES, x.shape[1])).T[:, :1]
 
 
+def _col_to_row(x):
+    """``[n, 1] -> [1, n]`` through a lane-wide transpose."""
+    return jnp.broadcast_to(x, (x.shape[0], LANES)).T[:1, :]
+
+
+def _sum(x):
+    """The sum of a ``[n, 1]`` column as a ``(1, 1)`` array (no 0-d vector)."""
+    return jnp.sum(x, axis=0, keepdims=True)
+
+
 class _Chunk:
-    """Decays and the document mask of chunk ``i`` (exponents ``<= 0``), all 2-D."""
+    """Decays and the document mask of chunk ``i`` (exponents ``<= 0``), all 2-D. Decays are
+    powers ``lambda^m`` of integer step counts ``m`` (``log_power``, as the GPU kernel: exact for
+    ``lambda = 0``, where a difference of log decays would be ``-inf + inf``)."""
 
     def __init__(self, static: _Static, a, docs_row, edges_ref, b, i, width):
         C = static.block
@@ -81,19 +100,23 @@ class _Chunk:
         real = jnp.clip(static.length - i * C, 0, C)  # int32 scalar: real tokens in the chunk
         jr = lax.broadcasted_iota(jnp.int32, (C, 1), 0)
         jc = lax.broadcasted_iota(jnp.int32, (1, C), 1)
-        steps_col = jnp.minimum(jr + 1, real)
-        self.A_col = a * steps_col.astype(F32)  # [C, 1] log decay from the chunk start
-        A_row = a * jnp.minimum(jc + 1, real).astype(F32)  # [1, C]
-        self.A_rest = a * (real - steps_col).astype(F32)  # [C, 1]: A_last - A
-        self.A_last = a * jnp.full((1, width), real, jnp.int32).astype(F32)  # [1, width]
+        steps_col = jnp.minimum(jr + 1, real)  # [C, 1] decay steps from the chunk start
+        steps_row = jnp.minimum(jc + 1, real)  # [1, C] (padding adds none)
+        self.A_col = log_power(a, steps_col)  # [C, 1] log decay from the chunk start
+        self.A_rest = log_power(a, real - steps_col)  # [C, 1]: A_last - A
+        self.A_last = log_power(a, jnp.full((1, width), real, jnp.int32))  # [1, width]
         self.doc_row = docs_row  # [1, C]
         self.doc_col = _row_to_col(docs_row)  # [C, 1]
-        ok = (jr >= jc) & (self.doc_col == self.doc_row)
-        self.M = jnp.exp(jnp.where(ok, self.A_col - A_row, -jnp.inf))  # [C, C]
+        self._ok = (jr >= jc) & (self.doc_col == self.doc_row)  # [C, C]
+        self._decay = log_power(a, steps_col - steps_row)  # [C, C], used where _ok only
+
+    def mask(self, poison=None):
+        """``M [C, C]`` (:func:`decay_mask`), ``poison`` broadcasting to ``[C, C]``."""
+        return decay_mask(self._ok, self._decay, poison)
 
     def weights(self, doc, exponent):
         """``exp(exponent)`` on rows whose document is ``doc``, else 0: a ``[C, 1]`` column."""
-        return jnp.exp(jnp.where(self.doc_col == doc, exponent, -jnp.inf))
+        return decay_mask(self.doc_col == doc, exponent)
 
     def keep(self, doc_a, doc_b):
         """``exp(A_last)`` if ``doc_a == doc_b`` else 0, as a ``[1, width]`` row."""
@@ -105,28 +128,41 @@ class _Chunk:
 # Kernels
 
 
-def _fwd_kernel(a_ref, edges_ref, docs_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, sT_ref, S_ref, *, static):
+def _fwd_kernel(a_ref, edges_ref, docs_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, sT_ref, S_ref, P_ref, *,
+                static):
+    # Non-finite inputs reach only the tokens that attend them, as in the GPU kernel: q, k, v
+    # enter the products zeroed, and their poison (NaN or 0) enters the exponents of the decays,
+    # where the mask's -inf removes it: the chunk's mask gets each row's query poison and each
+    # column's key/value poison; the state stays finite (S_ref) and carries its poison beside it
+    # (P_ref, (1, 1)), which crosses a document boundary by where and enters the decays of the
+    # rows that read the state.
     b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     lo = q_ref.dtype
 
     @pl.when(i == 0)
     def _init():
-        S_ref[...] = s0_ref[...]
+        s0, p0 = tiling.finite_or_zero(s0_ref[...], keepdims=True)  # [D, E], [D, 1]
+        S_ref[...] = s0
+        P_ref[...] = _sum(p0)
 
     E = S_ref.shape[1]
     c = _Chunk(static, a_ref[h], docs_ref[...], edges_ref, b, i, E)
-    q, k, v = q_ref[...], k_ref[...], v_ref[...]
-    S = S_ref[...]
-    p = _dot(q, k, NT, lo) * c.M  # [C, C]
-    qw = c.weights(c.prev, c.A_col)  # [C, 1]: the state reaches these rows
+    (q, pq), (k, pk), (v, pv) = (tiling.finite_or_zero(r[...], keepdims=True) for r in (q_ref, k_ref, v_ref))
+    pkv = pk + pv  # [C, 1]
+    S, poison = S_ref[...], P_ref[...]  # [D, E] finite, (1, 1) its poison
+    p = _dot(q, k, NT, lo) * c.mask(pq + _col_to_row(pkv))  # [C, C]
+    qw = c.weights(c.prev, c.A_col + poison)  # [C, 1]: the state reaches these rows
     o = _dot(p, v, NN, lo) + _dot(q.astype(F32) * qw, S, NN, F32)  # [C, E]
     o_ref[...] = static.scale * o
-    w = c.weights(c.last, c.A_rest)  # [C, 1]
+    in_last = c.doc_col == c.last  # [C, 1]: the keys the state after the chunk holds
+    w = decay_mask(in_last, c.A_rest)  # [C, 1]
     S_ref[...] = c.keep(c.last, c.prev) * S + _dot(k.astype(F32) * w, v.astype(F32), TN, F32)
+    cont = jnp.full(poison.shape, c.last, F32) == c.prev  # (1, 1)
+    P_ref[...] = jnp.where(cont, poison, 0.0) + _sum(jnp.where(in_last, pkv, 0.0))
 
     @pl.when(i == static.chunks - 1)
     def _finish():
-        sT_ref[...] = S_ref[...]
+        sT_ref[...] = S_ref[...] + P_ref[...]
 
 
 def _dq_kernel(a_ref, edges_ref, docs_ref, k_ref, v_ref, do_ref, s0_ref, dq_ref, S_ref, *, static):
@@ -135,15 +171,17 @@ def _dq_kernel(a_ref, edges_ref, docs_ref, k_ref, v_ref, do_ref, s0_ref, dq_ref,
 
     @pl.when(i == 0)
     def _init():
-        S_ref[...] = s0_ref[...]
+        (S_ref[...],) = tiling.zero_non_finite(s0_ref[...])
 
     E = S_ref.shape[1]
     c = _Chunk(static, a_ref[h], docs_ref[...], edges_ref, b, i, E)
-    k, v = k_ref[...], v_ref[...]
+    # Inputs enter zeroed where non-finite (the forward's poison is not recomputed): the masks are
+    # exact zeros, so masked entries contribute exactly nothing (no 0 * NaN), as in the GPU kernel.
+    k, v = tiling.zero_non_finite(k_ref[...], v_ref[...])
     do = static.scale * do_ref[...]  # f32 [C, E]: the scale folded into dO
     S = S_ref[...]
     qw = c.weights(c.prev, c.A_col)
-    dq = _dot(_dot(do, v, NT, lo) * c.M, k, NN, lo) + _dot(do * qw, S, NT, F32)  # [C, D]
+    dq = _dot(_dot(do, v, NT, lo) * c.mask(), k, NN, lo) + _dot(do * qw, S, NT, F32)  # [C, D]
     dq_ref[...] = dq
     w = c.weights(c.last, c.A_rest)
     S_ref[...] = c.keep(c.last, c.prev) * S + _dot(k.astype(F32) * w, v.astype(F32), TN, F32)
@@ -161,12 +199,13 @@ def _dkv_kernel(a_ref, edges_ref, docs_ref, q_ref, k_ref, v_ref, do_ref, dsT_ref
 
     E = G_ref.shape[1]
     c = _Chunk(static, a_ref[h], docs_ref[...], edges_ref, b, i, E)
-    q, k, v = q_ref[...], k_ref[...], v_ref[...]
+    q, k, v = tiling.zero_non_finite(q_ref[...], k_ref[...], v_ref[...])  # as in _dq_kernel
     do = static.scale * do_ref[...]  # f32 [C, E]
     G = G_ref[...]  # [D, E]: d loss / d state after this chunk
     w = c.weights(c.next, c.A_rest)  # [C, 1]: G reaches these keys
-    p = _dot(q, k, NT, lo) * c.M  # [C, C]
-    dp = _dot(do, v, NT, lo) * c.M  # [C, C]
+    M = c.mask()  # [C, C]
+    p = _dot(q, k, NT, lo) * M  # [C, C]
+    dp = _dot(do, v, NT, lo) * M  # [C, C]
     dv_ref[...] = _dot(p.T, do, NN, lo) + _dot(k.astype(F32) * w, G, NN, F32)  # [C, E]
     dk_ref[...] = _dot(dp.T, q, NN, lo) + _dot(v.astype(F32) * w, G, NT, F32)  # [C, D]
     qw = c.weights(c.first, c.A_col)
@@ -207,7 +246,7 @@ def _forward(static, q, k, v, a, edges, docs, s0):
         in_specs=[smem, smem, docs_spec, tile(D), tile(D), tile(E), state(D, E)],
         out_specs=[tile(E), state(D, E)],
         out_shape=[jax.ShapeDtypeStruct((B, H, Tp, E), F32), jax.ShapeDtypeStruct((B, H, D, E), F32)],
-        scratch_shapes=[pltpu.VMEM((D, E), F32)],
+        scratch_shapes=[pltpu.VMEM((D, E), F32), pltpu.VMEM((1, 1), F32)],  # the state, its poison
         compiler_params=_params(),
         interpret=static.interpret,
         name="attnjax_lightning_fwd_tpu",

@@ -13,6 +13,7 @@ import pytest
 from attnjax import ops
 from attnjax.core import platform
 from tests import harness
+from tests.ops.test_lightning import check_no_memory, check_poison
 
 TOL = {"f32": 2e-5, "bf16": 5e-3}
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
@@ -47,6 +48,24 @@ def test_tpu_lightning_matches_reference(T, dtype, segments):
 def test_tpu_lightning_gqa_wide_heads_two_chunk_sizes():
     """GQA (repeated K/V heads), D = E = 128, chunks of 256 over a ragged length."""
     _check(400, 128, 128, "f32", True, H=4, K=2, block_size=256)
+
+
+def _tpu_op(q, k, v, **kw):
+    with platform.target("tpu", interpret=True):
+        return ops.lightning_attention(q, k, v, return_final_state=True, implementation="pallas", **kw)
+
+
+def test_tpu_lightning_confines_poison():
+    """A NaN key and an inf value in document 0 (tokens 0-199, chunks of 128) reach only the
+    tokens of document 0 after it: the chunk's own rows through the mask, the next chunk's rows
+    through the state's carried poison, which the document starting at token 200, inside that
+    chunk, must drop (issue 17, as the GPU kernel; tests/ops/test_lightning.py)."""
+    check_poison(_tpu_op, lengths=(200, 150, 150), P=50)
+
+
+def test_tpu_lightning_no_memory():
+    """``log_decay = -inf`` (lambda = 0) over three chunks: exact, finite values and gradients."""
+    check_no_memory(_tpu_op, T=300)
 
 
 def test_tpu_lightning_declines_odd_chunks():

@@ -41,33 +41,40 @@ def compare(fn, ref_fn, args, dtype, what="", loose=None):
                              tol=TOL[jnp.dtype(dtype).type], loose=loose)
 
 
-def check_poison(op):
-    """NaN in a key and inf in a value at token 25 of document 0 (tokens 0-39; documents 1 and 2
-    follow): tokens before it and every later document get exactly their clean outputs and dq
-    (and the final state is clean); tokens 25-39 attend it and get non-finite outputs."""
-    B, T, H, D, E, P = 1, 100, 2, 8, 8, 25
+def check_poison(op, lengths=(40, 30, 30), P=25):
+    """NaN in a key and inf in a value at token ``P`` of document 0 (``lengths``: tokens per
+    document; by default tokens 0-39, documents 1 and 2 follow), and a NaN query 5 tokens before
+    the end: every other token gets exactly its clean output and dq, and keys neither poisoned
+    row attends (document 1, the last document after the NaN query) exactly their clean dk, dv;
+    the final state is clean; the rest of document 0 and the NaN query get non-finite outputs.
+    Documents longer than a chunk carry the poison in the state, and a later document that
+    starts inside a chunk must drop it."""
+    B, H, D, E = 1, 2, 8, 8
+    T, end, Q = sum(lengths), lengths[0], sum(lengths) - 5
     q, k, v, _ = _inputs(B, T, H, H, D, E)
-    seg = jnp.repeat(jnp.array([0, 1, 2]), jnp.array([40, 30, 30]), total_repeat_length=T)[None]
+    seg = jnp.repeat(jnp.arange(len(lengths)), jnp.array(lengths), total_repeat_length=T)[None]
     a = jnp.array([-0.1, -0.01])
 
     @jax.jit
     def run(q, k, v):
         (out, final), vjp = jax.vjp(lambda q, k, v: op(q, k, v, log_decay=a, segment_ids=seg), q, k, v)
-        return out, final, vjp((harness.normal(jax.random.key(9), out.shape), jnp.zeros_like(final)))[0]
+        return out, final, *vjp((harness.normal(jax.random.key(9), out.shape), jnp.zeros_like(final)))
 
-    out, final, dq = run(q, k.at[:, P].set(jnp.nan), v.at[:, P].set(jnp.inf))
-    clean_out, clean_final, clean_dq = run(q, k.at[:, P].set(0.0), v.at[:, P].set(0.0))
-    unseen = np.r_[0:P, 40:T]
+    out, final, *grads = run(q.at[:, Q].set(jnp.nan), k.at[:, P].set(jnp.nan), v.at[:, P].set(jnp.inf))
+    clean_out, clean_final, *clean_grads = run(q.at[:, Q].set(0.0), k.at[:, P].set(0.0), v.at[:, P].set(0.0))
+    unseen = np.r_[0:P, end:Q, Q + 1:T]  # rows that attend no poison
+    unread = np.r_[end:T - lengths[-1], Q + 1:T]  # keys no poisoned row attends
     harness.assert_close(out[:, unseen], clean_out[:, unseen], 1e-6, "outputs of tokens that do not attend the poison")
-    harness.assert_close(dq[:, unseen], clean_dq[:, unseen], 1e-6, "dq of tokens that do not attend the poison")
+    for name, g, clean, rows in zip(("dq", "dk", "dv"), grads, clean_grads, (unseen, unread, unread)):
+        harness.assert_close(g[:, rows], clean[:, rows], 1e-6, f"{name} of tokens the poison does not touch")
     harness.assert_close(final, clean_final, 1e-6, "the final state (of the last document)")
-    assert (~np.isfinite(np.asarray(out[:, P:40]))).reshape(40 - P, -1).any(-1).all()
+    assert (~np.isfinite(np.asarray(out[:, np.r_[P:end, Q]]))).reshape(end - P + 1, -1).any(-1).all()
 
 
-def check_no_memory(op):
+def check_no_memory(op, T=70):
     """``log_decay = -inf`` (lambda = 0): each token sees only itself, values and gradients
     finite, equal to the recurrence's."""
-    q, k, v, _ = _inputs(1, 70, 2, 2, 8, 8)
+    q, k, v, _ = _inputs(1, T, 2, 2, 8, 8)
     a = jnp.array([-jnp.inf, -0.5])
     out, _ = harness.check_vjp(lambda q, k, v: op(q, k, v, log_decay=a)[0],
                                lambda q, k, v: LightningSuite.ref(q, k, v, log_decay=a)[0],
@@ -79,20 +86,10 @@ def check_no_memory(op):
 class LightningSuite:
     implementation = "xla"
     block_size = 32
-    # The kernels multiply by 0 where a document or the causal mask should cut (0 * NaN), and
-    # compute lambda^0 as exp(-inf * 0): the kernel part of issue 17 follows the GPU rewrite.
-    kernel_confines_poison = True
-
-    def _kernel_xfail(self, request):
-        if not self.kernel_confines_poison:
-            request.applymarker(pytest.mark.xfail(strict=True, reason="kernel part follows the GPU rewrite"))
-
-    def test_poison_stays_in_its_document(self, request):
-        self._kernel_xfail(request)
+    def test_poison_stays_in_its_document(self):
         check_poison(self.op)
 
-    def test_no_memory(self, request):
-        self._kernel_xfail(request)
+    def test_no_memory(self):
         check_no_memory(self.op)
 
     def op(self, q, k, v, **kw):
