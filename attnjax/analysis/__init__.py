@@ -1,0 +1,39 @@
+"""See what attention does, for any op and any model (issue 24).
+
+* capture (:mod:`~attnjax.analysis.capture`): weights of any op (:func:`attention_weights`), and of
+  the attention layers of a Flax NNX model without changing its code (:func:`capture`, works under
+  ``nnx.jit``); blockwise statistics without a ``[T, S]`` array (:func:`blockwise_stats`, equal
+  to :func:`weight_stats` on dense weights);
+* attribution across layers (:mod:`~attnjax.analysis.rollout`): :func:`rollout`, :func:`flow`,
+  gradient-weighted rollout;
+* head importance (:mod:`~attnjax.analysis.importance`): :func:`head_gates`,
+  :func:`head_importance` (Michel et al.), :func:`pruning_curve`;
+* detectors (:mod:`~attnjax.analysis.detectors`): sinks, massive activations, previous-token,
+  offset, delimiter and copy/retrieval heads, WAAD, FAI, entropy;
+* views (:mod:`~attnjax.analysis.views`): matplotlib figures (imported lazily).
+"""
+
+from attnjax.analysis.capture import (
+    ATTENTION_MODULES,
+    ATTENTION_OPS,
+    Capture,
+    HeadGate,
+    attention_layers,
+    attention_weights,
+    capture,
+)
+from attnjax.analysis.stats import StatsConfig, blockwise_stats, reduce_stats, weight_stats
+
+__all__ = [
+    "ATTENTION_MODULES",
+    "ATTENTION_OPS",
+    "Capture",
+    "HeadGate",
+    "attention_layers",
+    "attention_weights",
+    "capture",
+    "StatsConfig",
+    "blockwise_stats",
+    "reduce_stats",
+    "weight_stats",
+]
