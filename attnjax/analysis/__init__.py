@@ -22,7 +22,23 @@ from attnjax.analysis.capture import (
     attention_weights,
     capture,
 )
+from attnjax.analysis.detectors import (
+    SinkReport,
+    copy_score,
+    delimiter_score,
+    entropy,
+    fai,
+    massive_activations,
+    offset_heads,
+    offset_score,
+    previous_token_score,
+    sinks,
+    waad,
+)
+from attnjax.analysis.importance import head_gates, head_importance, pruning_curve
+from attnjax.analysis.rollout import flow, fuse_heads, layer_maps, max_flow, rollout
 from attnjax.analysis.stats import StatsConfig, blockwise_stats, reduce_stats, weight_stats
+from attnjax.analysis import views
 
 __all__ = [
     "ATTENTION_MODULES",

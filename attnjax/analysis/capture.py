@@ -85,6 +85,11 @@ class LayerSpec:
     stats: stats_lib.StatsConfig | None = None
     heads: tuple[int, ...] | None = None
     gate: bool = False
+    probe: bool = False
+
+
+HEADS_SEEN: dict[str, int] = {}
+"""Query heads of each layer called with ``LayerSpec(probe=True)`` (static shapes only)."""
 
 
 # -- one-hot weights of any op -----------------------------------------------------------------
@@ -167,6 +172,8 @@ _ACTIVE: list[bool] = []
 def _handle(frame: _Frame, op, args, kwargs):
     spec = frame.spec
     out = op(*args, **kwargs)
+    if spec.probe:
+        HEADS_SEEN[spec.name] = int(_output(out).shape[-2])
     if spec.weights or spec.stats is not None:
         (q, k, v), rest, kw = _split_qkv(args, kwargs)
         if spec.stats is not None and "shard" in _params(op) and q.ndim == 4 and "shard" not in kw:
