@@ -13,6 +13,7 @@
 * views (:mod:`~attnjax.analysis.views`): matplotlib figures (imported lazily).
 """
 
+from attnjax.analysis import views
 from attnjax.analysis.capture import (
     ATTENTION_MODULES,
     ATTENTION_OPS,
@@ -38,18 +39,37 @@ from attnjax.analysis.detectors import (
 from attnjax.analysis.importance import head_gates, head_importance, pruning_curve
 from attnjax.analysis.rollout import flow, fuse_heads, layer_maps, max_flow, rollout
 from attnjax.analysis.stats import StatsConfig, blockwise_stats, reduce_stats, weight_stats
-from attnjax.analysis import views
 
 __all__ = [
     "ATTENTION_MODULES",
     "ATTENTION_OPS",
     "Capture",
     "HeadGate",
+    "SinkReport",
+    "StatsConfig",
     "attention_layers",
     "attention_weights",
-    "capture",
-    "StatsConfig",
     "blockwise_stats",
+    "capture",
+    "copy_score",
+    "delimiter_score",
+    "entropy",
+    "fai",
+    "flow",
+    "fuse_heads",
+    "head_gates",
+    "head_importance",
+    "layer_maps",
+    "massive_activations",
+    "max_flow",
+    "offset_heads",
+    "offset_score",
+    "previous_token_score",
+    "pruning_curve",
     "reduce_stats",
+    "rollout",
+    "sinks",
+    "views",
+    "waad",
     "weight_stats",
 ]

@@ -353,7 +353,7 @@ class Capture:
         self.weights: dict[str, list] = {}
         self.stats: dict[str, list] = {}
 
-    def collect(self) -> "Capture":
+    def collect(self) -> Capture:
         """Moves what the layers sowed so far into ``weights``/``stats`` (clearing it there)."""
         for name, m in self.layers.items():
             for attr, store in ((WEIGHTS, self.weights), (STATS, self.stats)):
