@@ -47,3 +47,8 @@ __all__ = [
     "routing_attention", "routing_clusters", "routing_init", "routing_update",
     "moa_attention", "hyper_attention", "landmark_attention",
 ]
+
+# Zoo part 2 (issue 21): gathered attention from index sets and the long-context variants on it.
+from attnjax.ops.gathered.api import gathered_attention, selected_blocks  # noqa: E402
+
+__all__ += ["gathered_attention", "selected_blocks"]
