@@ -49,6 +49,10 @@ __all__ = [
 ]
 
 # Zoo part 2 (issue 21): gathered attention from index sets and the long-context variants on it.
-from attnjax.ops.gathered.api import gathered_attention, selected_blocks  # noqa: E402
+from attnjax.ops.gathered.api import gathered_attention, selected_blocks
 
 __all__ += ["gathered_attention", "selected_blocks"]
+from attnjax.ops.sparse.coefficient import coefficient_attention
+from attnjax.ops.sparse.partial import merge_partials, part_weights, partial_attentions, redistribute, reweight
+
+__all__ += ["coefficient_attention", "merge_partials", "part_weights", "partial_attentions", "redistribute", "reweight"]

@@ -120,3 +120,93 @@ def test_gathered_errors():
         ops.gathered_attention(q, k, v, idx.astype(jnp.float32), 8, 16)
     with pytest.raises(ValueError, match="key_bias"):
         ops.gathered_attention(q, k, v, idx, 8, 16, key_bias=jnp.zeros((GQA.B, 3, GQA.S)))
+
+
+# -- C5 partial attentions, ACT / VAR redistribution ---------------------------------------------
+
+SMALL = Shape(B=2, T=19, S=23, H=4, K=2, D=8, E=6)
+FIRST = masks.from_fn(lambda b, h, i, j: j == 0)
+
+
+def test_partials_merge_to_attention():
+    q, k, v = SMALL.qkv(jax.random.key(8))
+    parts = ops.partial_attentions(q, k, v, [FIRST, ~FIRST], mask=masks.causal())
+    out, lse = ops.merge_partials(parts)
+    ref, ref_lse = ops.attention(q, k, v, mask=masks.causal(), return_lse=True, implementation="reference")
+    harness.assert_close(out, ref, 2e-5, "merge")
+    w, lse2 = ops.part_weights(parts)
+    np.testing.assert_allclose(np.asarray(w.sum(0)), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(lse2), np.asarray(ref_lse), rtol=1e-5)
+
+
+@DTYPES
+@pytest.mark.parametrize("receivers", ["all", "some"])
+def test_redistribute_matches_dense_edit(dtype, receivers):
+    q, k, v = SMALL.qkv(jax.random.key(9))
+    sinks = FIRST | masks.from_fn(lambda b, h, i, j: (j == 5) & (h % 2 == 0), heads=SMALL.H)
+    recv = None if receivers == "all" else masks.from_fn(lambda b, h, i, j: j >= 7)
+    beta = jnp.array([0.3, 1.0, 0.5, 0.0])  # per head; 1 = not calibrated
+    op = lambda q, k, v, beta, implementation: ops.redistribute(
+        q, k, v, sinks, beta, receivers=recv, mask=masks.causal(), implementation=implementation
+    )
+    harness.check_vjp(
+        functools.partial(op, implementation="xla"),
+        functools.partial(op, implementation="reference"),
+        (q, k, v, beta),
+        dtype,
+        what="redistribute",
+    )
+
+
+def test_redistribute_identity_and_mass():
+    """beta = 1 is plain attention; beta = 0 with ones as values keeps rows summing to 1 (here:
+    outputs of all-ones values are 1) and puts no mass on the sinks."""
+    q, k, v = SMALL.qkv(jax.random.key(10))
+    ref = ops.attention(q, k, v, mask=masks.causal())
+    harness.assert_close(ops.redistribute(q, k, v, FIRST, 1.0, mask=masks.causal()), ref, 2e-5, "beta=1")
+    ones = jnp.ones_like(v)
+    out = ops.redistribute(q, k, ones, FIRST, 0.0, mask=masks.causal())
+    np.testing.assert_allclose(np.asarray(out)[:, SMALL.S - SMALL.T :], 1.0, rtol=1e-5)
+    spike = v.at[:, 0].set(100.0)  # the sink's value: invisible once beta = 0 (rows with other keys)
+    out0 = ops.redistribute(q, k, spike, FIRST, 0.0, mask=masks.causal())
+    assert np.abs(np.asarray(out0)).max() < 10
+
+
+# -- C6 coefficient-weighted softmax -------------------------------------------------------------
+
+
+@DTYPES
+def test_coefficient_attention_matches_reference(dtype):
+    q, k, v = SMALL.qkv(jax.random.key(11))
+    u = jax.random.uniform(jax.random.key(12), (SMALL.B, SMALL.H, SMALL.T, SMALL.S))
+    coeff = jnp.where(u > 0.4, u, 0.0)
+
+    def op(q, k, v, c, implementation):
+        out, lse = ops.coefficient_attention(q, k, v, c, return_lse=True, implementation=implementation)
+        return out, jnp.where(jnp.isneginf(lse), 0.0, lse)
+
+    harness.check_vjp(
+        functools.partial(op, implementation="xla"),
+        functools.partial(op, implementation="reference"),
+        (q, k, v, coeff),
+        dtype,
+        what="coefficient",
+    )
+
+
+def test_coefficient_straight_through_gradient():
+    """A hard 0/1 mask with a straight-through estimator: the gradient to the soft mask equals the
+    derivative of the soft-coefficient attention at the hard mask (finite also at zeros); with
+    ``coeff_grad=False`` it is zero."""
+    q, k, v = SMALL.qkv(jax.random.key(13))
+    soft = jax.random.uniform(jax.random.key(14), (1, SMALL.H, SMALL.T, SMALL.S))
+    hard = (soft > 0.5).astype(jnp.float32)
+    st = lambda s: hard + s - jax.lax.stop_gradient(s)
+    loss = lambda c, **kw: jnp.sum(ops.coefficient_attention(q, k, v, c, **kw) ** 2)
+    g_st = jax.grad(lambda s: loss(st(s)))(soft)
+    g_hard = jax.grad(lambda c: loss(c, implementation="reference"))(hard)
+    harness.assert_close(g_st, g_hard, 1e-4, "straight-through")
+    assert np.abs(np.asarray(g_st)[np.asarray(hard) == 0]).max() > 0
+    assert not np.asarray(jax.grad(lambda c: loss(c, coeff_grad=False))(hard)).any()
+    ones = ops.coefficient_attention(q, k, v, jnp.ones((1, 1, SMALL.T, SMALL.S)))
+    harness.assert_close(ones, ops.attention(q, k, v), 2e-5, "all ones")

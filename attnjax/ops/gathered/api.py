@@ -83,10 +83,10 @@ def gathered_attention(
     >>> out.shape, bool(jnp.allclose(out, ref, atol=1e-5))
     ((1, 20, 2, 8), True)
     """
-    B, T, S, H, K, D, E = _checks.check_qkv(q, k, v)
+    B, T, S, H, K, D, _ = _checks.check_qkv(q, k, v)
     block_q = _checks.positive_int("block_q", block_q)
     block_k = _checks.positive_int("block_k", block_k)
-    nq, nk = -(-T // block_q), -(-S // block_k)
+    nq = -(-T // block_q)
     shape = _checks.check_rank("indices", indices, ("batch", "sel_heads", "q_blocks", "slots"))
     _checks.check_int_array("indices", indices)
     if shape[0] != B or shape[1] not in (H, K) or shape[2] != nq or shape[3] < 1:

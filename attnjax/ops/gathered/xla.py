@@ -6,7 +6,6 @@ with a batch size), so memory is ``O(T (D + E) + query_chunk b_q n b_k)`` per he
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
