@@ -56,3 +56,10 @@ from attnjax.ops.sparse.coefficient import coefficient_attention
 from attnjax.ops.sparse.partial import merge_partials, part_weights, partial_attentions, redistribute, reweight
 
 __all__ += ["coefficient_attention", "merge_partials", "part_weights", "partial_attentions", "redistribute", "reweight"]
+from attnjax.ops.sparse.cca import cca_attention, cca_core_tokens
+from attnjax.ops.sparse.dma import dma_attention, dma_delta
+from attnjax.ops.sparse.hepos import head_stride_mask, hepos_attention
+from attnjax.ops.sparse.loki import loki_attention, loki_indices, loki_pca
+
+__all__ += ["cca_attention", "cca_core_tokens", "dma_attention", "dma_delta", "head_stride_mask", "hepos_attention",
+            "loki_attention", "loki_indices", "loki_pca"]
