@@ -50,7 +50,7 @@ def gathered_attention(
     block_k: int,
     extra_mask: Mask | None = None,
     *,
-    key_bias: Float[Array, "B #Hb S"] | None = None,
+    key_bias: Float[Array, "B Hb S"] | None = None,
     scale: float | None = None,
     return_lse: bool = False,
     query_chunk: int | None = None,

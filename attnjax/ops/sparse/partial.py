@@ -35,7 +35,6 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from attnjax import masks
 from attnjax.core import dispatch, tiling
 from attnjax.core.dispatch import Implementation
 from attnjax.masks import Mask
