@@ -57,3 +57,8 @@ __all__ = [
     "Document", "document", "MoA", "moa", "Dense", "dense", "block_mask", "grid_mask",
     "Neighborhood", "TiledNeighborhood", "axis_windows", "neighborhood",
 ]
+
+# Zoo part 2 (issue 21): top-k key masks (Dynamic Mask Attention).
+from attnjax.masks.topk import TopKeys, prefix_thresholds, topk_keys
+
+__all__ += ["TopKeys", "prefix_thresholds", "topk_keys"]

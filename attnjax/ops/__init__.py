@@ -47,3 +47,19 @@ __all__ = [
     "routing_attention", "routing_clusters", "routing_init", "routing_update",
     "moa_attention", "hyper_attention", "landmark_attention",
 ]
+
+# Zoo part 2 (issue 21): gathered attention from index sets and the long-context variants on it.
+from attnjax.ops.gathered.api import gathered_attention, selected_blocks
+
+__all__ += ["gathered_attention", "selected_blocks"]
+from attnjax.ops.sparse.coefficient import coefficient_attention
+from attnjax.ops.sparse.partial import merge_partials, part_weights, partial_attentions, redistribute, reweight
+
+__all__ += ["coefficient_attention", "merge_partials", "part_weights", "partial_attentions", "redistribute", "reweight"]
+from attnjax.ops.sparse.cca import cca_attention, cca_core_tokens
+from attnjax.ops.sparse.dma import dma_attention, dma_delta
+from attnjax.ops.sparse.hepos import head_stride_mask, hepos_attention
+from attnjax.ops.sparse.loki import loki_attention, loki_indices, loki_pca
+
+__all__ += ["cca_attention", "cca_core_tokens", "dma_attention", "dma_delta", "head_stride_mask", "hepos_attention",
+            "loki_attention", "loki_indices", "loki_pca"]
