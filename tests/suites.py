@@ -1,5 +1,5 @@
-"""The generic op's shared suite: every implementation of ``ops.attention`` against the dense
-reference.
+"""Shared suites and checks: every implementation of ``ops.attention`` against the dense
+reference, and the poison and no-memory checks every lightning implementation passes.
 
 ``AttentionSuite`` holds the tests; each implementation is a few-line subclass in its test file
 (``tests/ops/test_attention.py`` for xla, ``tests/ops/test_attention_pallas.py`` for the kernels).
@@ -361,3 +361,56 @@ class AttentionSuite:
             self.check(shape, mask=mask, score_mod=mods[mod], normalizer=normalizer)
 
         check()
+
+
+# -- lightning attention: poison and no-memory checks every implementation passes ---------------
+
+LIGHTNING_TOL = {jnp.float32: 2e-5, jnp.bfloat16: 5e-3}
+
+
+def lightning_inputs(B, T, H, K, D, E, seed=0):
+    kq, kk, kv, ks = jax.random.split(jax.random.key(seed), 4)
+    return (harness.normal(kq, (B, T, H, D)), harness.normal(kk, (B, T, K, D)),
+            harness.normal(kv, (B, T, K, E)), harness.normal(ks, (B, H, D, E)))
+
+
+def check_lightning_poison(op, lengths=(40, 30, 30), P=25):
+    """NaN in a key and inf in a value at token ``P`` of document 0 (``lengths``: tokens per
+    document; by default tokens 0-39, documents 1 and 2 follow), and a NaN query 5 tokens before
+    the end: every other token gets exactly its clean output and dq, and keys neither poisoned
+    row attends (document 1, the last document after the NaN query) exactly their clean dk, dv;
+    the final state is clean; the rest of document 0 and the NaN query get non-finite outputs.
+    Documents longer than a chunk carry the poison in the state, and a later document that
+    starts inside a chunk must drop it."""
+    B, H, D, E = 1, 2, 8, 8
+    T, end, Q = sum(lengths), lengths[0], sum(lengths) - 5
+    q, k, v, _ = lightning_inputs(B, T, H, H, D, E)
+    seg = jnp.repeat(jnp.arange(len(lengths)), jnp.array(lengths), total_repeat_length=T)[None]
+    a = jnp.array([-0.1, -0.01])
+
+    @jax.jit
+    def run(q, k, v):
+        (out, final), vjp = jax.vjp(lambda q, k, v: op(q, k, v, log_decay=a, segment_ids=seg), q, k, v)
+        return out, final, *vjp((harness.normal(jax.random.key(9), out.shape), jnp.zeros_like(final)))
+
+    out, final, *grads = run(q.at[:, Q].set(jnp.nan), k.at[:, P].set(jnp.nan), v.at[:, P].set(jnp.inf))
+    clean_out, clean_final, *clean_grads = run(q.at[:, Q].set(0.0), k.at[:, P].set(0.0), v.at[:, P].set(0.0))
+    unseen = np.r_[0:P, end:Q, Q + 1:T]  # rows that attend no poison
+    unread = np.r_[end:T - lengths[-1], Q + 1:T]  # keys no poisoned row attends
+    harness.assert_close(out[:, unseen], clean_out[:, unseen], 1e-6, "outputs of tokens that do not attend the poison")
+    for name, g, clean, rows in zip(("dq", "dk", "dv"), grads, clean_grads, (unseen, unread, unread)):
+        harness.assert_close(g[:, rows], clean[:, rows], 1e-6, f"{name} of tokens the poison does not touch")
+    harness.assert_close(final, clean_final, 1e-6, "the final state (of the last document)")
+    assert (~np.isfinite(np.asarray(out[:, np.r_[P:end, Q]]))).reshape(end - P + 1, -1).any(-1).all()
+
+
+def check_lightning_no_memory(op, T=70):
+    """``log_decay = -inf`` (lambda = 0): each token sees only itself, values and gradients
+    finite, equal to the recurrence's."""
+    q, k, v, _ = lightning_inputs(1, T, 2, 2, 8, 8)
+    a = jnp.array([-jnp.inf, -0.5])
+    out, _ = harness.check_vjp(lambda q, k, v: op(q, k, v, log_decay=a)[0],
+                               lambda q, k, v: ops.lightning_attention(q, k, v, log_decay=a, implementation="reference"),
+                               (q, k, v), jnp.float32, err=harness.rel_rmse, tol=LIGHTNING_TOL[jnp.float32])
+    expect = (q * k).sum(-1, keepdims=True) / np.sqrt(8) * v
+    np.testing.assert_allclose(out[:, :, 0], expect[:, :, 0], rtol=1e-5, atol=1e-6)

@@ -13,7 +13,8 @@ import pytest
 from attnjax import ops
 from attnjax.core import platform
 from tests import harness
-from tests.ops.test_lightning import check_no_memory, check_poison
+from tests.suites import check_lightning_no_memory as check_no_memory
+from tests.suites import check_lightning_poison as check_poison
 
 TOL = {"f32": 2e-5, "bf16": 5e-3}
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}

@@ -18,16 +18,13 @@ import pytest
 from attnjax import ops
 from attnjax.ops.lightning import common, reference
 from tests import harness
+from tests.suites import LIGHTNING_TOL as TOL
+from tests.suites import check_lightning_no_memory as check_no_memory
+from tests.suites import check_lightning_poison as check_poison
+from tests.suites import lightning_inputs as _inputs
 
-TOL = {jnp.float32: 2e-5, jnp.bfloat16: 5e-3}
 # Per head: none, weak, medium, strong (lambda^64 underflows to 0 in float32 at the last one).
 DECAYS = jnp.array([0.0, -0.01, -0.5, -3.0])
-
-
-def _inputs(B, T, H, K, D, E, seed=0):
-    kq, kk, kv, ks = jax.random.split(jax.random.key(seed), 4)
-    return (harness.normal(kq, (B, T, H, D)), harness.normal(kk, (B, T, K, D)),
-            harness.normal(kv, (B, T, K, E)), harness.normal(ks, (B, H, D, E)))
 
 
 def _segments(B, T, n_docs=4, seed=5):
@@ -39,48 +36,6 @@ def compare(fn, ref_fn, args, dtype, what="", loose=None):
     orders differ), with lightning's tolerances."""
     return harness.check_vjp(fn, ref_fn, args, dtype, key=jax.random.key(11), what=what, err=harness.rel_rmse,
                              tol=TOL[jnp.dtype(dtype).type], loose=loose)
-
-
-def check_poison(op, lengths=(40, 30, 30), P=25):
-    """NaN in a key and inf in a value at token ``P`` of document 0 (``lengths``: tokens per
-    document; by default tokens 0-39, documents 1 and 2 follow), and a NaN query 5 tokens before
-    the end: every other token gets exactly its clean output and dq, and keys neither poisoned
-    row attends (document 1, the last document after the NaN query) exactly their clean dk, dv;
-    the final state is clean; the rest of document 0 and the NaN query get non-finite outputs.
-    Documents longer than a chunk carry the poison in the state, and a later document that
-    starts inside a chunk must drop it."""
-    B, H, D, E = 1, 2, 8, 8
-    T, end, Q = sum(lengths), lengths[0], sum(lengths) - 5
-    q, k, v, _ = _inputs(B, T, H, H, D, E)
-    seg = jnp.repeat(jnp.arange(len(lengths)), jnp.array(lengths), total_repeat_length=T)[None]
-    a = jnp.array([-0.1, -0.01])
-
-    @jax.jit
-    def run(q, k, v):
-        (out, final), vjp = jax.vjp(lambda q, k, v: op(q, k, v, log_decay=a, segment_ids=seg), q, k, v)
-        return out, final, *vjp((harness.normal(jax.random.key(9), out.shape), jnp.zeros_like(final)))
-
-    out, final, *grads = run(q.at[:, Q].set(jnp.nan), k.at[:, P].set(jnp.nan), v.at[:, P].set(jnp.inf))
-    clean_out, clean_final, *clean_grads = run(q.at[:, Q].set(0.0), k.at[:, P].set(0.0), v.at[:, P].set(0.0))
-    unseen = np.r_[0:P, end:Q, Q + 1:T]  # rows that attend no poison
-    unread = np.r_[end:T - lengths[-1], Q + 1:T]  # keys no poisoned row attends
-    harness.assert_close(out[:, unseen], clean_out[:, unseen], 1e-6, "outputs of tokens that do not attend the poison")
-    for name, g, clean, rows in zip(("dq", "dk", "dv"), grads, clean_grads, (unseen, unread, unread)):
-        harness.assert_close(g[:, rows], clean[:, rows], 1e-6, f"{name} of tokens the poison does not touch")
-    harness.assert_close(final, clean_final, 1e-6, "the final state (of the last document)")
-    assert (~np.isfinite(np.asarray(out[:, np.r_[P:end, Q]]))).reshape(end - P + 1, -1).any(-1).all()
-
-
-def check_no_memory(op, T=70):
-    """``log_decay = -inf`` (lambda = 0): each token sees only itself, values and gradients
-    finite, equal to the recurrence's."""
-    q, k, v, _ = _inputs(1, T, 2, 2, 8, 8)
-    a = jnp.array([-jnp.inf, -0.5])
-    out, _ = harness.check_vjp(lambda q, k, v: op(q, k, v, log_decay=a)[0],
-                               lambda q, k, v: LightningSuite.ref(q, k, v, log_decay=a)[0],
-                               (q, k, v), jnp.float32, err=harness.rel_rmse, tol=TOL[jnp.float32])
-    expect = (q * k).sum(-1, keepdims=True) / np.sqrt(8) * v
-    np.testing.assert_allclose(out[:, :, 0], expect[:, :, 0], rtol=1e-5, atol=1e-6)
 
 
 class LightningSuite:
