@@ -47,3 +47,9 @@ __all__ = [
     "routing_attention", "routing_clusters", "routing_init", "routing_update",
     "moa_attention", "hyper_attention", "landmark_attention",
 ]
+
+# -- zoo part 3 (issue 22): score-function variants ----------------------------------------------
+from attnjax.ops.scored.neural import init_mlp as neural_attention_mlp
+from attnjax.ops.scored.neural import neural_attention
+
+__all__ += ["neural_attention", "neural_attention_mlp"]

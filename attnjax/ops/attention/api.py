@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +55,9 @@ def attention(
       q: queries ``[B, T, H, D]``.
       k: keys ``[B, S, K, D]``; ``K`` divides ``H`` (grouped-query attention: query head ``h``
         uses key head ``h // (H // K)``; K/V are never repeated in memory).
-      v: values ``[B, S, K, E]``.
+      v: values ``[B, S, K, E]``, or ``[B, S, K_v, E]`` with its own head count ``K_v`` (dividing
+        ``H``): query head ``h`` then uses value head ``h // (H // K_v)`` (DiffQKV; see
+        :func:`split_head_counts`).
       mask: an :mod:`attnjax.masks` mask (combine with ``&``, ``|``, ``~``). Positional masks are
         aligned bottom-right: with ``T != S``, query ``i`` sits at position ``i + S - T``.
       score_mod: an :mod:`attnjax.score_mods` mod, a callable ``(score, b, h, q_idx, kv_idx)``,
@@ -95,6 +98,7 @@ def attention(
     >>> out.shape, bool(jnp.allclose(out, ref, atol=1e-5))
     ((2, 10, 4, 8), True)
     """
+    k, v = split_head_counts(q, k, v)
     problem = make_problem(q, k, v, mask, score_mod, bias, normalizer, sigmoid_bias, scale, shard)
     if check_rate(dropout_rate) != 0.0 or dropout_key is not None:
         problem = dataclasses.replace(problem, dropout=Dropout.make(dropout_rate, dropout_key))
@@ -201,3 +205,34 @@ def _check_shard(shard, dims: Dims) -> None:
     if shard.head_ids is not None and tuple(shard.head_ids.shape) != (dims.heads,):
         raise ValueError(f"shard.head_ids has shape {tuple(shard.head_ids.shape)}; expected one global head "
                          f"index per local head, [heads={dims.heads}]")
+
+
+# -- separate key-head and value-head counts (C8) --------------------------------------------------
+
+
+def split_head_counts(q, k, v):
+    """``(k, v)`` with one head count, for keys and values that have their own (``K_k != K_v``,
+    both dividing ``H``; DiffQKV, "Sigma", Lin et al., 2025).
+
+    Query head ``h`` uses key head ``h // (H // K_k)`` and value head ``h // (H // K_v)``. With
+    ``L = lcm(K_k, K_v)`` (which divides ``H``), repeating each key head ``L / K_k`` times and each
+    value head ``L / K_v`` times gives ordinary grouped-query attention with ``L`` heads that is
+    exactly that map, so every implementation (reference, blockwise, kernels) serves it. The
+    declared cost: the tensor with fewer heads is repeated up to ``L`` heads in memory (the cache
+    stays compressed; only the op's operand grows). Equal counts return ``k, v`` untouched.
+    """
+    if getattr(k, "ndim", 0) != 4 or getattr(v, "ndim", 0) != 4 or getattr(q, "ndim", 0) != 4:
+        return k, v  # check_qkv names what is wrong
+    kk, kv = k.shape[2], v.shape[2]
+    if kk == kv:
+        return k, v
+    H = q.shape[2]
+    for name, n, x in (("k", kk, k), ("v", kv, v)):
+        if n == 0 or H % n:
+            raise ValueError(f"{name} has {n} heads (shape {tuple(x.shape)}), which must divide the {H} query "
+                             f"heads of q (keys and values may have different head counts, each dividing H)")
+    if k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree in [batch, kv_len]")
+    L = math.lcm(kk, kv)
+    rep = lambda x, r: x if r == 1 else jnp.repeat(x, r, axis=2)
+    return rep(k, L // kk), rep(v, L // kv)
