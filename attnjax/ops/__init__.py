@@ -53,3 +53,12 @@ from attnjax.ops.scored.neural import init_mlp as neural_attention_mlp
 from attnjax.ops.scored.neural import neural_attention
 
 __all__ += ["neural_attention", "neural_attention_mlp"]
+
+# -- zoo part 3 (issue 22): linear-time variants ---------------------------------------------------
+from attnjax.ops.kernelized.fastmax import fastmax_attention, fastmax_features, fastmax_normalize
+from attnjax.ops.kernelized.flowformer import flow_attention
+from attnjax.ops.kernelized.lightnet import lightnet_attention
+from attnjax.ops.kernelized.nap import nap_attention
+
+__all__ += ["fastmax_attention", "fastmax_features", "fastmax_normalize", "flow_attention", "lightnet_attention",
+            "nap_attention"]
