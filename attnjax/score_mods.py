@@ -321,3 +321,35 @@ def relative_logits(table: Float[Array, "B T H W"], *, outside: str = "clip") ->
     if outside not in ("clip", "zero"):
         raise ValueError(f"outside must be 'clip' or 'zero'; got {outside!r}")
     return RelativeLogits(table, outside)
+
+
+# -- per-head logit boost on a key set (training-free head modulation; issue 22) -----------------
+
+
+@pytree_dataclass(data=("selected", "log_gamma"))
+class KeySetBias(ScoreMod):
+    selected: Array  # [B, S] float32 0/1 (a float leaf: the blockwise backward adds cotangents of every leaf)
+    log_gamma: Array  # scalar or [H]
+
+    def __call__(self, q_len, kv_len, score, b, h, q_idx, kv_idx):
+        on = self.selected[b, _clip(kv_idx, self.selected.shape[1])] > 0.5
+        return score + jnp.where(on, head_param(self.log_gamma, h), 0.0)
+
+    def check(self, heads):
+        _checks.per_head("log_gamma", self.log_gamma, heads)
+
+
+def key_set_bias(selected, gamma) -> ScoreMod:
+    r"""``score + log(gamma_h)`` for the keys in ``selected`` (``[B, S]`` booleans): multiplies the
+    unnormalized softmax weight of those keys by ``gamma_h`` per head (training-free modulation of
+    attention to, e.g., the image tokens of a vision-language model; ``gamma = 1`` is the identity).
+
+    >>> import jax.numpy as jnp
+    >>> mod = key_set_bias(jnp.array([[True, False]]), jnp.e)
+    >>> z = jnp.zeros((1, 1, 1, 1), int)
+    >>> mod(1, 2, jnp.zeros((1, 1, 1, 2)), z, z, z, jnp.arange(2)[None, None, None]).tolist()
+    [[[[1.0, 0.0]]]]
+    """
+    selected = jnp.asarray(selected)
+    _checks.check_rank("selected", selected, ("batch", "kv_len"))
+    return KeySetBias(selected.astype(bool).astype(jnp.float32), jnp.log(jnp.asarray(gamma, jnp.float32)))

@@ -62,3 +62,10 @@ from attnjax.ops.kernelized.nap import nap_attention
 
 __all__ += ["fastmax_attention", "fastmax_features", "fastmax_normalize", "flow_attention", "lightnet_attention",
             "nap_attention"]
+
+# -- zoo part 3 (issue 22): head-structure and factored-score variants ----------------------------
+from attnjax.ops.attention.api import split_head_counts
+from attnjax.ops.heads.diffqkv import diffqkv_attention
+from attnjax.ops.scored.relational import relational_attention
+
+__all__ += ["diffqkv_attention", "relational_attention", "split_head_counts"]
