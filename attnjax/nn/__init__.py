@@ -36,3 +36,8 @@ __all__ = [
     "MegaLayer", "MultiAxisAttention", "MaxViTBlock", "MultiTokenAttention", "SelectiveAttention",
     "LinearGlobalAttention", "LocalConcentration", "L2ViTBlock", "L2ViTBlockPair",
 ]
+
+# -- zoo part 3 (issue 22) --------------------------------------------------------------------------
+from attnjax.nn.scored import RCMHA, DualAttention, NeuralAttention
+
+__all__ += ["DualAttention", "NeuralAttention", "RCMHA"]
