@@ -41,3 +41,6 @@ __all__ = [
 from attnjax.nn.scored import RCMHA, DualAttention, NeuralAttention
 
 __all__ += ["DualAttention", "NeuralAttention", "RCMHA"]
+from attnjax.nn.heads import DiffQKVAttention, MHEAttention, MinimalAttention, PayBetterAttention
+
+__all__ += ["DiffQKVAttention", "MHEAttention", "MinimalAttention", "PayBetterAttention"]

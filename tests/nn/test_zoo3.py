@@ -84,3 +84,91 @@ def test_dual_attention_is_its_ops():
     harness.check_module_is_op(m, (X,), compare, what="DualAttention", loss=LOSS, tol=1e-4)
     with pytest.raises(ValueError, match="max_len"):
         m(jnp.zeros((1, 13, 16)))
+
+
+# -- head-structure layers -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["add", "mul"])
+def test_mhe_is_its_op(mode):
+    m = nn.MHEAttention(4, 16, head_dim=6, mode=mode, mask=masks.causal(), rngs=nnx.Rngs(0))
+    _annotated(m)
+    compare = lambda m, x: [
+        (m(x), m.out(ops.attention(*m.project(x), mask=masks.causal(), implementation="reference")))
+    ]
+    harness.check_module_is_op(m, (X,), compare, what=f"MHE {mode}", loss=LOSS)
+
+
+def test_mhe_add_key_embedding_has_no_effect():
+    """MHE-ADD: q . e^K_h is a per-query constant, which softmax ignores."""
+    m = nn.MHEAttention(4, 16, mode="add", rngs=nnx.Rngs(0))
+    y = m(X)
+    m.embed_k[...] = 5.0 * jax.random.normal(jax.random.key(9), m.embed_k.shape)
+    harness.assert_close(m(X), y, 1e-5, "e^K")
+
+
+def test_pay_better_attention_known_answers():
+    B, T, C, H = X.shape[0], X.shape[1], 16, 4
+    slices = X.reshape(B, T, H, C // H)
+    opt = nn.PayBetterAttention(H, C, kind="optimised", rngs=nnx.Rngs(0))
+    _annotated(opt)
+    # SDPA whose W_V is the slice selector is optimised attention
+    selector = jnp.eye(C).reshape(C, H, C // H)
+    sdpa = opt.out(ops.attention(opt.query(X), opt.key(X), jnp.einsum("btc,chd->bthd", X, selector)))
+    harness.assert_close(opt(X), sdpa, 1e-5, "optimised == SDPA with W_V = slices")
+    eff = nn.PayBetterAttention(H, C, kind="efficient", rngs=nnx.Rngs(1))
+    harness.assert_close(eff(X), eff.out(ops.attention(eff.query(X), slices, slices)), 1e-5, "efficient")
+    sup = nn.PayBetterAttention(H, C, kind="super", seq_len=T, rngs=nnx.Rngs(1))
+    _annotated(sup)
+    harness.assert_close(sup(X), eff(X), 1e-5, "super with W_A = I is efficient")
+    harness.check_module_is_op(
+        sup, (X,), lambda m, x: [(m(x), m.out(ops.attention(*m.project(x))))], what="super", loss=LOSS
+    )
+    with pytest.raises(ValueError, match="fixed length"):
+        sup(X[:, :5])
+    with pytest.raises(ValueError, match="kind"):
+        nn.PayBetterAttention(H, C, kind="x", rngs=nnx.Rngs(0))
+
+
+def test_minimal_attention_known_answers():
+    sym = nn.MinimalAttention(2, 16, qk="symmetric", qk_dim=5, rngs=nnx.Rngs(0))
+    _annotated(sym)
+    s = sym.scores(X)
+    np.testing.assert_allclose(s, s.transpose(0, 1, 3, 2), rtol=1e-5, atol=1e-5)
+    harness.check_module_is_op(
+        sym, (X,), lambda m, x: [(m(x), m.out(ops.attention(*m.project(x))))], what="symmetric", loss=LOSS
+    )
+    # collapsed W_QK = W_Q W_K^T (rescaled for the 1/sqrt(width) of C-wide vectors) is standard attention
+    col = nn.MinimalAttention(2, 16, qk="collapsed", values="identity", rngs=nnx.Rngs(1))
+    _annotated(col)
+    wq, wk = (harness.normal(jax.random.key(i), (16, 2, 4)) for i in (5, 6))
+    col.qk_proj.kernel[...] = jnp.einsum("chd,ehd->che", wq, wk) * np.sqrt(16 / 4)
+    q, k = jnp.einsum("btc,chd->bthd", X, wq), jnp.einsum("btc,chd->bthd", X, wk)
+    want = col.out(ops.attention(q, k, X.reshape(2, 9, 2, 8)))
+    harness.assert_close(col(X), want, 1e-4, "collapsed == standard")
+
+
+def test_diffqkv_layer_is_its_op():
+    m = nn.DiffQKVAttention(
+        4,
+        16,
+        num_k_heads=1,
+        num_v_heads=2,
+        k_head_dim=3,
+        v_head_dim=5,
+        q_aug_dim=24,
+        value_top_k=4,
+        rngs=nnx.Rngs(0),
+    )
+    _annotated(m)
+    compare = lambda m, x: [
+        (
+            m(x),
+            m.out(
+                ops.diffqkv_attention(
+                    *m.project(x), value_top_k=4, mask=masks.causal(), implementation="reference"
+                )
+            ),
+        )
+    ]
+    harness.check_module_is_op(m, (X,), compare, what="DiffQKV", loss=LOSS)
