@@ -44,3 +44,6 @@ __all__ += ["DualAttention", "NeuralAttention", "RCMHA"]
 from attnjax.nn.heads import DiffQKVAttention, MHEAttention, MinimalAttention, PayBetterAttention
 
 __all__ += ["DiffQKVAttention", "MHEAttention", "MinimalAttention", "PayBetterAttention"]
+from attnjax.nn.pooling import GaussianAdaptiveAttention, LAMAPooling, NiNformerGate, gaussian_mixture_weights
+
+__all__ += ["GaussianAdaptiveAttention", "LAMAPooling", "NiNformerGate", "gaussian_mixture_weights"]
