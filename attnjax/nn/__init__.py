@@ -47,3 +47,9 @@ __all__ += ["DiffQKVAttention", "MHEAttention", "MinimalAttention", "PayBetterAt
 from attnjax.nn.pooling import GaussianAdaptiveAttention, LAMAPooling, NiNformerGate, gaussian_mixture_weights
 
 __all__ += ["GaussianAdaptiveAttention", "LAMAPooling", "NiNformerGate", "gaussian_mixture_weights"]
+from attnjax.nn.skim import SkimAttention, skim_mask
+
+__all__ += ["SkimAttention", "skim_mask"]
+from attnjax.nn.shrp import HeadUsage, SHRPAttention
+
+__all__ += ["HeadUsage", "SHRPAttention"]

@@ -94,3 +94,52 @@ def test_ninformer_gate_of_one_is_a_linear_layer():
     harness.assert_close(m(X), m.value(X), 1e-6, "G = 1")
     with pytest.raises(ValueError, match="seq_len=9"):
         m(X[:, :5])
+
+
+# -- 3.11 Skim-attention -------------------------------------------------------------------------
+
+
+def test_skim_attention_is_layout_only():
+    """The module is attention(layout q, layout k, text v); tokens with identical boxes get
+    identical attention rows, so identical outputs whatever their text."""
+    m = nn.SkimAttention(2, 16, layout_features=8, num_coords=50, rngs=nnx.Rngs(0))
+    _annotated(m)
+    boxes = jax.random.randint(jax.random.key(1), (2, 9, 4), 0, 50).at[:, 5].set(jnp.array([3, 4, 10, 12]))
+    boxes = boxes.at[:, 7].set(jnp.array([3, 4, 10, 12]))
+    y = m(X, boxes)
+    np.testing.assert_allclose(y[:, 5], y[:, 7], rtol=1e-5, atol=1e-6)
+    from attnjax import ops
+
+    q, k = m.layout_qk(boxes)
+    harness.assert_close(y, m.out(ops.attention(q, k, m.value(X))), 1e-6, "skim == op")
+    harness.assert_close(m(X, qk=(q, k)), y, 1e-6, "shared qk")
+    grads = nnx.grad(lambda mm: jnp.mean(mm(X, boxes) ** 2))(m)
+    assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(nnx.state(grads, nnx.Param)))
+    kept = nn.skim_mask(q, k, 3)
+    out = ops.attention(q, k, m.value(X), mask=kept, implementation="reference")
+    assert out.shape == (2, 9, 2, 8)
+    with pytest.raises(ValueError, match="exactly one"):
+        m(X)
+
+
+# -- 3.19 SHRP -------------------------------------------------------------------------------------
+
+
+def test_shrp_top1_routing_usage_and_pruning():
+    from attnjax import ops
+
+    m = nn.SHRPAttention(4, 16, rngs=nnx.Rngs(0))
+    _annotated(m)
+    res = ops.moh_attention(m.query(X), m.key(X), m.value(X), m.router(X), top_k=1, convention="official")
+    harness.assert_close(m(X), m.expander(res.out.sum(2)), 1e-5, "top-1 MoH")
+    choice = np.asarray(jnp.argmax(m.router(X), -1))  # [B, T]
+    np.testing.assert_array_equal(np.asarray(m.usage[...]), np.bincount(choice.ravel(), minlength=4))
+    # drop the least used head: tokens that never chose it are unchanged
+    drop = int(np.argmin(np.bincount(choice.ravel(), minlength=4)))
+    pruned = m.prune([h for h in range(4) if h != drop])
+    assert pruned.query.kernel.shape == (16, 3, 4) and pruned.usage.shape == (3,)
+    keep = choice != drop
+    np.testing.assert_allclose(np.asarray(pruned(X))[keep], np.asarray(m(X))[keep], rtol=1e-5, atol=1e-6)
+    _trains(m, X)
+    with pytest.raises(ValueError, match="keep"):
+        m.prune([])
