@@ -41,9 +41,9 @@ __all__ = [
 from attnjax.nn.scored import RCMHA, DualAttention, NeuralAttention
 
 __all__ += ["DualAttention", "NeuralAttention", "RCMHA"]
-from attnjax.nn.heads import DiffQKVAttention, MHEAttention, MinimalAttention, PayBetterAttention
+from attnjax.nn.heads import DiffQKVAttention, MHEAttention, MinimalAttention, PayBetterAttention, RoPEAttention
 
-__all__ += ["DiffQKVAttention", "MHEAttention", "MinimalAttention", "PayBetterAttention"]
+__all__ += ["DiffQKVAttention", "MHEAttention", "MinimalAttention", "PayBetterAttention", "RoPEAttention"]
 from attnjax.nn.pooling import GaussianAdaptiveAttention, LAMAPooling, NiNformerGate, gaussian_mixture_weights
 
 __all__ += ["GaussianAdaptiveAttention", "LAMAPooling", "NiNformerGate", "gaussian_mixture_weights"]

@@ -19,7 +19,7 @@ from jaxtyping import Array, Float
 from attnjax import _checks, masks, ops
 from attnjax.masks import Mask
 from attnjax.nn.attention import check_module_mask
-from attnjax.nn.layers import projection_axes
+from attnjax.nn.layers import head_projections, projection_axes
 from attnjax.nn.sharding import linear, param
 
 
@@ -344,3 +344,54 @@ class DiffQKVAttention(nnx.Module):
             *self.project(x), value_top_k=self.value_top_k, mask=self.mask, implementation=self.implementation
         )
         return self.out(o)
+
+
+class RoPEAttention(nnx.Module):
+    r"""Multi-head attention with rotary position embeddings of a chosen base
+    (:func:`attnjax.ops.rope` on queries and keys), the base overridable per call (``base=``, may be
+    traced) so that :func:`attnjax.ops.attention_buckets` can run one model under several bases.
+
+    >>> import jax
+    >>> from flax import nnx
+    >>> from attnjax import nn, ops
+    >>> m = nn.RoPEAttention(2, 16, rngs=nnx.Rngs(0))
+    >>> x = jax.random.normal(jax.random.key(0), (1, 9, 16))
+    >>> ops.attention_buckets(lambda b: m(x, base=b), [1e4, 2e4]).shape
+    (1, 9, 16)
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        in_features: int,
+        *,
+        base: float = 10000.0,
+        num_kv_heads: int | None = None,
+        mask: Mask | None = masks.causal(),
+        use_bias: bool = False,
+        implementation=None,
+        dtype=None,
+        rngs: nnx.Rngs,
+    ):
+        H, C, qkv = _checks.head_features(num_heads, in_features)
+        K = _checks.positive_int("num_kv_heads", num_kv_heads or H)
+        if H % K or (qkv // H) % 2:
+            raise ValueError(
+                f"need num_kv_heads={K} dividing num_heads={H} and an even head dim; got {qkv // H}"
+            )
+        self.in_features, self.base = C, float(base)
+        self.mask, self.implementation = check_module_mask(mask), implementation
+        self.query, self.key, self.value, self.out = head_projections(
+            C, H, qkv // H, kv_heads=K, use_bias=use_bias, dtype=dtype, rngs=rngs
+        )
+
+    def project(self, x, base=None):
+        """``(rope(q), rope(k), v)`` with RoPE base ``base`` (default the layer's)."""
+        b = self.base if base is None else base
+        return ops.rope(self.query(x), b), ops.rope(self.key(x), b), self.value(x)
+
+    def __call__(self, x: Float[Array, "B T C"], *, base=None) -> Float[Array, "B T C"]:
+        _check_x(x, self.in_features)
+        return self.out(
+            ops.attention(*self.project(x, base), mask=self.mask, implementation=self.implementation)
+        )

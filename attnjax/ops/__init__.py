@@ -69,3 +69,6 @@ from attnjax.ops.heads.diffqkv import diffqkv_attention
 from attnjax.ops.scored.relational import relational_attention
 
 __all__ += ["diffqkv_attention", "relational_attention", "split_head_counts"]
+from attnjax.ops.heads.buckets import attention_buckets, rope
+
+__all__ += ["attention_buckets", "rope"]

@@ -127,3 +127,39 @@ def test_key_set_bias_gamma_one_is_identity_and_scales_weights():
     w0 = ops.attention(q, k, eye)
     w1 = ops.attention(q, k, eye, score_mod=score_mods.key_set_bias(sel, 4.0))
     np.testing.assert_allclose((w1[..., 0] / w1[..., 5]) / (w0[..., 0] / w0[..., 5]), 4.0, rtol=1e-4)
+
+
+# -- 3.8 attention buckets -----------------------------------------------------------------------
+
+
+def test_rope_scores_depend_on_offsets_only():
+    q, k = _x(0, 1, 6, 2, 8), _x(1, 1, 6, 2, 8)
+    s = jnp.einsum("bthd,bshd->bhts", ops.rope(q, 500.0), ops.rope(k, 500.0))
+    shifted = jnp.einsum(
+        "bthd,bshd->bhts", ops.rope(q, 500.0, jnp.arange(6) + 7), ops.rope(k, 500.0, jnp.arange(6) + 7)
+    )
+    np.testing.assert_allclose(s, shifted, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="even head dim"):
+        ops.rope(_x(0, 1, 6, 2, 5))
+
+
+def test_attention_buckets_known_answers():
+    """One bucket, or equal bases, is the base model; two bases average the two runs' probabilities."""
+    from flax import nnx
+
+    from attnjax import nn
+
+    m = nn.RoPEAttention(2, 16, rngs=nnx.Rngs(0))
+    x = _x(3, 2, 7, 16)
+    fwd = lambda b: m(x, base=b)
+    base = jax.nn.log_softmax(m(x), -1)
+    harness.assert_close(ops.attention_buckets(fwd, [1e4]), base, 1e-5, "one bucket")
+    harness.assert_close(ops.attention_buckets(fwd, [1e4, 1e4, 1e4]), base, 1e-5, "equal bases")
+    p = (jax.nn.softmax(m(x, base=100.0), -1) + jax.nn.softmax(m(x, base=3e4), -1)) / 2
+    harness.assert_close(jnp.exp(ops.attention_buckets(fwd, [100.0, 3e4])), p, 1e-5, "two bases")
+    logits = ops.attention_buckets(fwd, [100.0, 3e4], combine="logits")
+    harness.assert_close(
+        logits, jax.nn.log_softmax((m(x, base=100.0) + m(x, base=3e4)) / 2, -1), 1e-5, "logits"
+    )
+    with pytest.raises(ValueError, match="combine"):
+        ops.attention_buckets(fwd, [1.0], combine="max")
