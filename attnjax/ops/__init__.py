@@ -72,3 +72,6 @@ __all__ += ["diffqkv_attention", "relational_attention", "split_head_counts"]
 from attnjax.ops.heads.buckets import attention_buckets, rope
 
 __all__ += ["attention_buckets", "rope"]
+from attnjax.ops.scored.mvpa import mvpa_attention
+
+__all__ += ["mvpa_attention"]
