@@ -31,9 +31,9 @@ from jaxtyping import Array, Float
 
 from attnjax import _checks, masks
 from attnjax.core import dispatch
-from attnjax.core.pytree import pytree_dataclass
-from attnjax.core.dispatch import Implementation
 from attnjax.core.blocks import BlockSizes
+from attnjax.core.dispatch import Implementation
+from attnjax.core.pytree import pytree_dataclass
 from attnjax.core.utils import default_scale
 from attnjax.ops.attention.api import attention
 from attnjax.score_mods import ScoreMod
@@ -113,7 +113,7 @@ def mvpa_attention(
     >>> bool(abs(out - ref).max() < 1e-4)
     True
     """
-    B, N, S, H, K, D, E = _checks.check_qkv(q, k, v, same_length=True)
+    B, N, _, H, K, D, _ = _checks.check_qkv(q, k, v, same_length=True)
     C = _checks.positive_int("num_channels", num_channels)
     if N % C:
         raise ValueError(
