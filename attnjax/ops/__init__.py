@@ -75,3 +75,6 @@ __all__ += ["attention_buckets", "rope"]
 from attnjax.ops.scored.mvpa import mvpa_attention
 
 __all__ += ["mvpa_attention"]
+from attnjax.ops.scored.afa import adaptive_filter_attention
+
+__all__ += ["adaptive_filter_attention"]
