@@ -149,7 +149,10 @@ def test_attention_buckets_known_answers():
 
     from attnjax import nn
 
+    from attnjax.nn import sharding
+
     m = nn.RoPEAttention(2, 16, rngs=nnx.Rngs(0))
+    assert sharding.unannotated(m) == []
     x = _x(3, 2, 7, 16)
     fwd = lambda b: m(x, base=b)
     base = jax.nn.log_softmax(m(x), -1)

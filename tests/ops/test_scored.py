@@ -50,6 +50,13 @@ def test_separate_key_and_value_heads(heads, impl, dtype):
     harness.check_vjp(fn, lambda q, k, v: _split_heads_dense(q, k, v, True), args, dtype, what=f"C8 {impl}")
 
 
+def test_separate_key_and_value_heads_in_the_kernel():
+    """The Pallas path (interpret mode on CPU) serves separate head counts too."""
+    args = (_x(0, 1, 16, 4, 8), _x(1, 1, 16, 1, 8), _x(2, 1, 16, 2, 8))
+    got = ops.attention(*args, mask=masks.causal(), implementation="pallas")
+    harness.assert_close(got, _split_heads_dense(*args, True), 2e-5, "C8 pallas")
+
+
 def test_separate_head_counts_validation():
     q, k = _x(0, 1, 5, 6, 4), _x(1, 1, 5, 2, 4)
     with pytest.raises(ValueError, match="v has 4 heads"):
