@@ -148,21 +148,32 @@ def test_attention_buckets_known_answers():
     from flax import nnx
 
     from attnjax import nn
-
     from attnjax.nn import sharding
 
     m = nn.RoPEAttention(2, 16, rngs=nnx.Rngs(0))
     assert sharding.unannotated(m) == []
     x = _x(3, 2, 7, 16)
-    fwd = lambda b: m(x, base=b)
-    base = jax.nn.log_softmax(m(x), -1)
-    harness.assert_close(ops.attention_buckets(fwd, [1e4]), base, 1e-5, "one bucket")
-    harness.assert_close(ops.attention_buckets(fwd, [1e4, 1e4, 1e4]), base, 1e-5, "equal bases")
-    p = (jax.nn.softmax(m(x, base=100.0), -1) + jax.nn.softmax(m(x, base=3e4), -1)) / 2
-    harness.assert_close(jnp.exp(ops.attention_buckets(fwd, [100.0, 3e4])), p, 1e-5, "two bases")
-    logits = ops.attention_buckets(fwd, [100.0, 3e4], combine="logits")
-    harness.assert_close(
-        logits, jax.nn.log_softmax((m(x, base=100.0) + m(x, base=3e4)) / 2, -1), 1e-5, "logits"
-    )
+    graphdef, state = nnx.split(m)
+    fwd = lambda b: nnx.merge(graphdef, state)(x, base=b)
+
+    @jax.jit
+    def run():
+        single = jax.vmap(fwd)(jnp.array([1e4, 100.0, 3e4]))  # the model under each base alone
+        cases = (
+            ((1e4,), "probs"),
+            ((1e4, 1e4, 1e4), "probs"),
+            ((100.0, 3e4), "probs"),
+            ((100.0, 3e4), "logits"),
+        )
+        return single, [ops.attention_buckets(fwd, list(b), combine=c) for b, c in cases]
+
+    single, (one, equal, two, two_logits) = run()
+    base = jax.nn.log_softmax(single[0], -1)
+    harness.assert_close(single[0], m(x), 1e-5, "vmapped base == the layer's default")
+    harness.assert_close(one, base, 1e-5, "one bucket")
+    harness.assert_close(equal, base, 1e-5, "equal bases")
+    p = (jax.nn.softmax(single[1], -1) + jax.nn.softmax(single[2], -1)) / 2
+    harness.assert_close(jnp.exp(two), p, 1e-5, "two bases")
+    harness.assert_close(two_logits, jax.nn.log_softmax((single[1] + single[2]) / 2, -1), 1e-5, "logits")
     with pytest.raises(ValueError, match="combine"):
         ops.attention_buckets(fwd, [1.0], combine="max")
