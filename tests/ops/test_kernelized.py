@@ -183,3 +183,18 @@ def test_kernelized_validation():
         ops.nap_attention(q, k, v, variant="x")
     with pytest.raises(ValueError, match="per head"):
         ops.nap_attention(q, k, v, gain=jnp.ones(3))
+
+
+def test_nap_square_sums_chunked_equals_dense():
+    """sum_{j <= i} (q_i . k_j)^2 by chunks (ragged last chunk) == the dense sum."""
+    from attnjax.ops.kernelized.nap import square_sums
+
+    q, k, _ = _qkv(T=13, S=13, H=2, K=2)
+    s = jnp.einsum("bthd,bshd->bhts", q, k) ** 2
+    for causal in (True, False):
+        dense = (
+            jnp.where(jnp.tril(jnp.ones((13, 13), bool)) if causal else True, s, 0.0)
+            .sum(-1)
+            .transpose(0, 2, 1)
+        )
+        np.testing.assert_allclose(square_sums(q, k, causal, chunk=4), dense, rtol=1e-5, atol=1e-5)

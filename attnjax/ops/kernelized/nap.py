@@ -16,7 +16,8 @@ over the keys query ``i`` sees instead of exponentiated and summed:
 ``sum_j s_ij = q_i . sum_j k_j``, ``sum_j s_ij^2 = (q_i (x) q_i) . sum_j (k_j (x) k_j)`` and
 ``sum_j s_ij v_j = q_i^T sum_j k_j v_j^T``, so
 ``o_i = g (q_i^T K^T V - mu_i sum_j v_j) / sigma_i + b sum_j v_j`` costs ``O(T D (D + E))``
-through :func:`attnjax.ops.linear_attention` (prefix sums, i.e. chunked lightning, when causal).
+through :func:`attnjax.ops.linear_attention` (prefix sums, i.e. chunked lightning, when causal) and
+:func:`square_sums` (``q_i^T (sum_j k_j k_j^T) q_i``, chunked when causal).
 The reference is :func:`attnjax.ops.attention` with :func:`attnjax.normalizers.standardize`.
 The linear form takes the variance as ``E[s^2] - mu^2`` (clipped at 0), which loses precision
 when a row's scores are nearly constant relative to their mean (a row with a single key, the
@@ -26,25 +27,37 @@ first causal one, is exact: its weight is ``b``).
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Float
 
 from attnjax import masks, normalizers
 from attnjax.core import dispatch
 from attnjax.core.dispatch import Implementation
 from attnjax.ops.attention.api import attention
-from attnjax.ops.kernelized.common import prepare
+from attnjax.ops.kernelized.common import HI, prepare
 from attnjax.ops.linear.api import linear_attention
 
 VARIANTS = ("nap", "non")
 
 
-def _square_features(x):
-    """``x (x) x`` packed symmetrically with weights so that ``f(x) . f(y) = (x . y)^2``."""
-    D = x.shape[-1]
-    a, b = np.triu_indices(D)
-    w = jnp.asarray(np.where(a == b, 1.0, np.sqrt(2.0)), x.dtype)
-    return x[..., a] * x[..., b] * w
+def square_sums(q, k, is_causal: bool, chunk: int = 64):
+    """``sum_j (q_i . k_j)^2`` ``[B, T, H]`` over the keys each query sees, without the
+    ``D (D + 1) / 2``-wide features: ``q_i^T (sum_j k_j k_j^T) q_i``. Causal, by chunks of
+    ``chunk``: the squared scores inside a chunk written out (``O(T chunk D)``) plus the
+    earlier chunks' ``sum k k^T`` (an exclusive prefix over chunks, ``O(T D^2)``)."""
+    B, T, H, D = q.shape
+    if not is_causal:
+        kk = jnp.einsum("bshd,bshe->bhde", k, k, precision=HI)
+        return jnp.einsum("bthd,bhde,bthe->bth", q, kk, q, precision=HI)
+    c = min(chunk, T)
+    n = -(-T // c)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, n * c - T), (0, 0), (0, 0))).reshape(B, n, c, H, D)
+    qc, kc = pad(q), pad(k)
+    s = jnp.einsum("bnihd,bnjhd->bnhij", qc, kc, precision=HI)
+    intra = jnp.where(jnp.tril(jnp.ones((c, c), bool)), s * s, 0.0).sum(-1)  # [B, n, H, c]
+    kk = jnp.einsum("bnjhd,bnjhe->bnhde", kc, kc, precision=HI)
+    before = jnp.cumsum(kk, axis=1) - kk  # the chunks before each one
+    inter = jnp.einsum("bnihd,bnhde,bnihe->bnhi", qc, before, qc, precision=HI)
+    return (intra + inter).transpose(0, 1, 3, 2).reshape(B, n * c, H)[:, :T]
 
 
 def _per_head(x, H):
@@ -115,7 +128,7 @@ def nap_attention(
         num, ssum = both[..., :-1], both[..., -1:]  # sum_j s_ij v_j, sum_j s_ij
         if variant == "non":
             return num / jnp.sqrt(count)
-        ssq = lin(_square_features(q32), _square_features(k32), ones) * scale**2
+        ssq = square_sums(q32, k32, is_causal)[..., None] * scale**2
         vsum = jnp.cumsum(v32, 1) if is_causal else jnp.broadcast_to(v32.sum(1, keepdims=True), num.shape)
         mu = ssum / count
         var = jnp.maximum(ssq / count - mu * mu, 0.0) + 1e-16
