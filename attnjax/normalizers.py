@@ -146,3 +146,47 @@ def as_normalizer(normalizer: str | Normalizer, sigmoid_bias=None) -> Normalizer
     if sigmoid_bias is not None:
         raise ValueError(f"sigmoid_bias is only used with normalizer='sigmoid'; got {normalizer!r}")
     return _BY_NAME[normalizer]()
+
+
+# -- row standardization (normalized attention pooling; zoo part 3, issue 22) ---------------------
+
+
+@pytree_dataclass(data=("gain", "shift"), meta=("eps",))
+class Standardize(Normalizer):
+    """``g_h (s - mu_i) / sigma_i + b_h`` over each row's allowed keys (weights may be negative).
+
+    Row-statistic but not a softmax: the blockwise paths have no running mean/variance, so they
+    decline (``NotImplementedError``, and dispatch falls through to the reference); the linear
+    ``O(T D^2)`` form of the unmasked and causal cases is :func:`attnjax.ops.nap_attention`."""
+
+    gain: Array  # scalar or [H]
+    shift: Array  # scalar or [H]
+    eps: float = 1e-16
+
+    def weights(self, kv_len, s):
+        raise NotImplementedError("normalizers.standardize needs each row's mean and variance; only the dense "
+                                  "reference computes them (ops.nap_attention has the linear form)")
+
+    def dense(self, kv_len, s, allowed):
+        per_head = lambda x: jnp.reshape(jnp.asarray(x, jnp.float32), (-1, 1, 1) if jnp.ndim(x) else ())
+        n = allowed.sum(-1, keepdims=True).astype(jnp.float32)
+        safe_n = jnp.maximum(n, 1.0)
+        s = jnp.where(allowed, s, 0.0)
+        mu = s.sum(-1, keepdims=True) / safe_n
+        var = jnp.where(allowed, (s - mu) ** 2, 0.0).sum(-1, keepdims=True) / safe_n + self.eps
+        w = per_head(self.gain) * (s - mu) / jnp.sqrt(var) + per_head(self.shift)
+        return jnp.where(allowed, w, 0.0)
+
+
+def standardize(gain: float | Array = 1.0, shift: float | Array = 0.0) -> Normalizer:
+    """Row standardization of normalized attention pooling ("Normalized Attention Without
+    Probability Cage", Richter & Wattenhofer, 2020): ``w_ij = g (s_ij - mu_i) / sigma_i + b`` with
+    the mean and variance (``+ 1e-16``) of row ``i``'s allowed scores; ``gain``/``shift`` scalars or
+    per head ``[H]`` (they get gradients).
+
+    >>> import jax.numpy as jnp
+    >>> w = standardize().dense(3, jnp.array([[1.0, 2.0, 3.0]]), jnp.ones((1, 3), bool))
+    >>> [round(x, 4) for x in w[0].tolist()]
+    [-1.2247, 0.0, 1.2247]
+    """
+    return Standardize(jnp.asarray(gain, jnp.float32), jnp.asarray(shift, jnp.float32))

@@ -210,3 +210,146 @@ def as_score_mod(mod) -> ScoreMod | None:
         return from_fn(mod)
     raise TypeError(f"score_mod must be a ScoreMod, a callable or a sequence of them; got {mod!r}")
 
+
+
+# -- pairwise score functions and content-dependent relative logits (C3) ---------------------------
+
+
+def _clip(idx, length: int):
+    """Positions clipped into ``[0, length)``: tile padding may index past the end (those rows and
+    keys are discarded or masked)."""
+    return jnp.clip(idx, 0, length - 1)
+
+
+@pytree_dataclass(data=("q_feats", "k_feats", "params"), meta=("fn", "replace"))
+class Pairwise(ScoreMod):
+    fn: Callable
+    q_feats: Array  # [B, T, H, P]
+    k_feats: Array  # [B, S, K, P]
+    params: PyTree
+    replace: bool
+
+    def __call__(self, q_len, kv_len, score, b, h, q_idx, kv_idx):
+        qf, kf = self.q_feats.astype(jnp.float32), self.k_feats.astype(jnp.float32)
+        group = qf.shape[2] // kf.shape[2]
+        # Gathered per tile: [B, H, t, 1, P] and [B, H, 1, s, P], so the function's hidden
+        # activations are O(t s P), never O(T S P).
+        qt = qf[b, _clip(q_idx, qf.shape[1]), h]
+        kt = kf[b, _clip(kv_idx, kf.shape[1]), h // group]
+        extra = jnp.asarray(self.fn(self.params, qt, kt), jnp.float32)
+        return jnp.broadcast_to(extra, score.shape) if self.replace else score + extra
+
+    def check(self, heads):
+        qs, ks = jnp.shape(self.q_feats), jnp.shape(self.k_feats)
+        if len(qs) != 4 or len(ks) != 4 or qs[2] != heads or heads % ks[2] or qs[0] != ks[0]:
+            raise ValueError(f"pairwise features must be q_feats [batch, q_len, heads={heads}, P] and k_feats "
+                             f"[batch, kv_len, K, P] with K dividing heads; got {qs} and {ks}")
+
+
+def pairwise(fn: Callable, q_feats: Float[Array, "B T H P"], k_feats: Float[Array, "B S K P"],
+             params: PyTree = None, *, replace: bool = False) -> ScoreMod:
+    r"""A pairwise score function beyond ``q . k``, evaluated tile by tile (C3).
+
+    ``fn(params, q_tile, k_tile)`` gets float32 ``q_tile [..., t, 1, P]`` and ``k_tile
+    [..., 1, s, P]`` (the features of a tile's queries and keys, leading axes ``[B, H]``
+    broadcasting; key head ``h // (H // K)`` for query head ``h``) and returns scores that
+    broadcast to ``[..., t, s]``; they are added to the scores (or replace them with
+    ``replace=True``). Inside the blockwise path only one tile's ``[t, s, hidden]`` activations
+    exist at a time, and the online softmax is unchanged; the features and ``params`` get
+    gradients through every implementation. A plain dot product is ``lambda p, a, b: (a * b).sum(-1)``.
+
+    Positions index the features directly (``q_idx`` in ``[0, T)``); under a
+    :class:`attnjax.ops.Shard` they are global, so pass the global features.
+
+    >>> import jax, jax.numpy as jnp
+    >>> qf = kf = jax.random.normal(jax.random.key(0), (1, 4, 2, 3))
+    >>> mod = pairwise(lambda p, a, b: p * (a * b).sum(-1), qf, kf, jnp.float32(2.0))
+    >>> idx = jnp.zeros((1, 1, 1, 1), int), jnp.arange(2)[None, :, None, None]
+    >>> mod(4, 4, jnp.zeros((1, 2, 4, 4)), *idx, jnp.arange(4)[:, None], jnp.arange(4)[None]).shape
+    (1, 2, 4, 4)
+    """
+    if not callable(fn):
+        raise TypeError(f"score_mods.pairwise needs a callable; got {fn!r}")
+    q_feats, k_feats = jnp.asarray(q_feats), jnp.asarray(k_feats)
+    for name, x in (("q_feats", q_feats), ("k_feats", k_feats)):
+        _checks.check_rank(name, x, ("batch", "len", "heads", "features"))
+        _checks.check_float(name, x)
+    return Pairwise(fn, q_feats, k_feats, params, bool(replace))
+
+
+@pytree_dataclass(data=("table",), meta=("outside",))
+class RelativeLogits(ScoreMod):
+    table: Array  # [B, T, H, 2R + 1]
+    outside: str
+
+    def __call__(self, q_len, kv_len, score, b, h, q_idx, kv_idx):
+        radius = (self.table.shape[-1] - 1) // 2
+        delta = kv_idx - (q_idx + (kv_len - q_len))
+        slot = jnp.clip(delta, -radius, radius) + radius
+        r = self.table.astype(jnp.float32)[b, _clip(q_idx, self.table.shape[1]), h, slot]
+        if self.outside == "zero":
+            r = jnp.where(jnp.abs(delta) <= radius, r, 0.0)
+        return score + r
+
+    def check(self, heads):
+        shape = jnp.shape(self.table)
+        if len(shape) != 4 or shape[2] != heads or shape[3] % 2 != 1:
+            raise ValueError(f"relative_logits table must have shape [batch, q_len, heads={heads}, 2R + 1]; "
+                             f"got {shape}")
+
+
+def relative_logits(table: Float[Array, "B T H W"], *, outside: str = "clip") -> ScoreMod:
+    r"""Content-dependent relative logits from a per-query table (C3's companion trick):
+    ``score + table[b, i, h, R + clip(j - pos(i), -R, R)]``, ``W = 2R + 1``.
+
+    ``table[b, i, h, R + d] = q_i . r_d`` is computed once, ``O(T W D)`` (HaloNet, Transformer-XL /
+    RCMHA, MVPA), and read by offset inside each tile: no ``[T, S]`` array. Positions are
+    aligned bottom-right (``pos(i) = i + S - T``). ``outside="clip"`` lets offsets beyond ``R``
+    share the edge entries; ``"zero"`` adds nothing for them.
+
+    >>> import jax.numpy as jnp
+    >>> table = jnp.arange(3.0).reshape(1, 1, 1, 3)          # offsets -1, 0, +1
+    >>> mod = relative_logits(jnp.broadcast_to(table, (1, 2, 1, 3)))
+    >>> z = jnp.zeros((1, 1, 1, 1), int)
+    >>> mod(2, 2, jnp.zeros((1, 1, 2, 2)), z, z, jnp.arange(2)[:, None], jnp.arange(2)[None])[0, 0]
+    Array([[1., 2.],
+           [0., 1.]], dtype=float32)
+    """
+    table = jnp.asarray(table)
+    _checks.check_rank("relative_logits table", table, ("batch", "q_len", "heads", "offsets"))
+    _checks.check_float("relative_logits table", table)
+    if outside not in ("clip", "zero"):
+        raise ValueError(f"outside must be 'clip' or 'zero'; got {outside!r}")
+    return RelativeLogits(table, outside)
+
+
+# -- per-head logit boost on a key set (training-free head modulation; issue 22) -----------------
+
+
+@pytree_dataclass(data=("selected", "log_gamma"))
+class KeySetBias(ScoreMod):
+    selected: Array  # [B, S] float32 0/1 (a float leaf: the blockwise backward adds cotangents of every leaf)
+    log_gamma: Array  # scalar or [H]
+
+    def __call__(self, q_len, kv_len, score, b, h, q_idx, kv_idx):
+        on = self.selected[b, _clip(kv_idx, self.selected.shape[1])] > 0.5
+        return score + jnp.where(on, head_param(self.log_gamma, h), 0.0)
+
+    def check(self, heads):
+        _checks.per_head("log_gamma", self.log_gamma, heads)
+
+
+def key_set_bias(selected, gamma) -> ScoreMod:
+    r"""``score + log(gamma_h)`` for the keys in ``selected`` (``[B, S]`` booleans): multiplies the
+    unnormalized softmax weight of those keys by ``gamma_h`` per head (training-free modulation of
+    attention to, e.g., the image tokens of a vision-language model; ``gamma = 1`` is the identity).
+
+    >>> import jax.numpy as jnp
+    >>> mod = key_set_bias(jnp.array([[True, False]]), jnp.e)
+    >>> z = jnp.zeros((1, 1, 1, 1), int)
+    >>> mod(1, 2, jnp.zeros((1, 1, 1, 2)), z, z, z, jnp.arange(2)[None, None, None]).tolist()
+    [[[[1.0, 0.0]]]]
+    """
+    selected = jnp.asarray(selected)
+    _checks.check_rank("selected", selected, ("batch", "kv_len"))
+    return KeySetBias(selected.astype(bool).astype(jnp.float32), jnp.log(jnp.asarray(gamma, jnp.float32)))

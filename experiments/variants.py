@@ -194,3 +194,66 @@ def get(name: str) -> Variant:
     if name not in VARIANTS:
         raise ValueError(f"unknown attention variant {name!r}; known variants: {', '.join(VARIANTS)}")
     return VARIANTS[name]
+
+
+# -- zoo part 3 (issue 22): linear, normalizer, score-function and head-structure variants ----------
+
+
+def _causal_mask(spec):
+    return masks.causal() if spec.causal else None
+
+
+def _linear_time(op):
+    def build(spec):
+        return _mha(spec, spec.bind(op, is_causal=spec.causal, implementation=spec.implementation), masked=False)
+    return build
+
+
+def _zoo3_module(cls, **fixed):
+    def build(spec):
+        extra = {k: spec.options[k] for k in spec.options}
+        return cls(spec.heads, spec.features, mask=_causal_mask(spec), implementation=spec.implementation,
+                   rngs=spec.rngs, **fixed, **extra)
+    return build
+
+
+def _dual(spec):
+    half = max(spec.heads // 2, 1)
+    return nn.DualAttention(half, max(spec.heads - half, 1), spec.features, max_len=spec.options.get("max_len", 1024),
+                            mask=_causal_mask(spec), implementation=spec.implementation, rngs=spec.rngs)
+
+
+def _diffqkv(spec):
+    D = spec.features // spec.heads
+    return nn.DiffQKVAttention(spec.heads, spec.features, num_k_heads=1, num_v_heads=max(spec.heads // 2, 1),
+                               k_head_dim=max(D // 2, 1), v_head_dim=D, q_aug_dim=2 * spec.features,
+                               value_top_k=spec.options.get("value_top_k"), mask=_causal_mask(spec),
+                               implementation=spec.implementation, rngs=spec.rngs)
+
+
+VARIANTS.update({v.name: v for v in (
+    Variant("flowformer", _linear_time(ops.flow_attention),
+            "Flowformer: Linearizing Transformers with Conservation Flows (Wu et al. 2022)"),
+    Variant("fastmax", _linear_time(ops.fastmax_attention),
+            "FAST: Factorizable Attention for Speeding up Transformers (Gerami et al. 2024)"),
+    Variant("lightnet", _linear_time(ops.lightnet_attention),
+            "You Only Scan Once: Efficient Multi-dimension Sequential Modeling with LightNet (Qin et al. 2024)"),
+    Variant("nap", _linear_time(ops.nap_attention),
+            "Normalized Attention Without Probability Cage (Richter & Wattenhofer 2020)"),
+    Variant("neural", _zoo3_module(nn.NeuralAttention),
+            "Neural Attention: A Novel Mechanism for Enhanced Expressive Power in Transformer Models "
+            "(DiGiugno & Mahmood 2025)", options=("score_dim", "hidden")),
+    Variant("rcmha", _zoo3_module(nn.RCMHA),
+            "RCMHA: Relative Convolutional Multi-Head Attention for Natural Language Modelling (Sugiharto et al. "
+            "2023)", options=("kernel_size", "max_distance")),
+    Variant("dual_attention", _dual, "Disentangling and Integrating Relational and Sensory Information in "
+            "Transformer Architectures (Altabaa & Lafferty 2024)", options=("max_len",)),
+    Variant("mhe", _zoo3_module(nn.MHEAttention), "Pit One Against Many: Leveraging Attention-head Embeddings "
+            "for Parameter-efficient Multi-head Attention (Xue & Aletras 2023)", options=("mode",)),
+    Variant("pay_better", _zoo3_module(nn.PayBetterAttention), "You Need to Pay Better Attention (Hosseini & "
+            "Hosseini 2024): optimised / efficient attention", options=("kind",)),
+    Variant("minimal", _zoo3_module(nn.MinimalAttention), "Reducing the Transformer Architecture to a Minimum "
+            "(Bermeitinger et al. 2024)", options=("qk", "qk_dim", "values")),
+    Variant("diffqkv", _diffqkv, "Sigma: Differential Rescaling of Query, Key and Value for Efficient Language "
+            "Models (Lin et al. 2025)", options=("value_top_k",)),
+)})

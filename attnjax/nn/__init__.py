@@ -36,3 +36,20 @@ __all__ = [
     "MegaLayer", "MultiAxisAttention", "MaxViTBlock", "MultiTokenAttention", "SelectiveAttention",
     "LinearGlobalAttention", "LocalConcentration", "L2ViTBlock", "L2ViTBlockPair",
 ]
+
+# -- zoo part 3 (issue 22) --------------------------------------------------------------------------
+from attnjax.nn.scored import RCMHA, DualAttention, NeuralAttention
+
+__all__ += ["DualAttention", "NeuralAttention", "RCMHA"]
+from attnjax.nn.heads import DiffQKVAttention, MHEAttention, MinimalAttention, PayBetterAttention, RoPEAttention
+
+__all__ += ["DiffQKVAttention", "MHEAttention", "MinimalAttention", "PayBetterAttention", "RoPEAttention"]
+from attnjax.nn.pooling import GaussianAdaptiveAttention, LAMAPooling, NiNformerGate, gaussian_mixture_weights
+
+__all__ += ["GaussianAdaptiveAttention", "LAMAPooling", "NiNformerGate", "gaussian_mixture_weights"]
+from attnjax.nn.skim import SkimAttention, skim_mask
+
+__all__ += ["SkimAttention", "skim_mask"]
+from attnjax.nn.shrp import HeadUsage, SHRPAttention
+
+__all__ += ["HeadUsage", "SHRPAttention"]

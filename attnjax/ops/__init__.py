@@ -63,3 +63,34 @@ from attnjax.ops.sparse.loki import loki_attention, loki_indices, loki_pca
 
 __all__ += ["cca_attention", "cca_core_tokens", "dma_attention", "dma_delta", "head_stride_mask", "hepos_attention",
             "loki_attention", "loki_indices", "loki_pca"]
+
+# -- zoo part 3 (issue 22): score-function variants ----------------------------------------------
+from attnjax.ops.scored.neural import init_mlp as neural_attention_mlp
+from attnjax.ops.scored.neural import neural_attention
+
+__all__ += ["neural_attention", "neural_attention_mlp"]
+
+# -- zoo part 3 (issue 22): linear-time variants ---------------------------------------------------
+from attnjax.ops.kernelized.fastmax import fastmax_attention, fastmax_features, fastmax_normalize
+from attnjax.ops.kernelized.flowformer import flow_attention
+from attnjax.ops.kernelized.lightnet import lightnet_attention
+from attnjax.ops.kernelized.nap import nap_attention
+
+__all__ += ["fastmax_attention", "fastmax_features", "fastmax_normalize", "flow_attention", "lightnet_attention",
+            "nap_attention"]
+
+# -- zoo part 3 (issue 22): head-structure and factored-score variants ----------------------------
+from attnjax.ops.attention.api import split_head_counts
+from attnjax.ops.heads.diffqkv import diffqkv_attention
+from attnjax.ops.scored.relational import relational_attention
+
+__all__ += ["diffqkv_attention", "relational_attention", "split_head_counts"]
+from attnjax.ops.heads.buckets import attention_buckets, rope
+
+__all__ += ["attention_buckets", "rope"]
+from attnjax.ops.scored.mvpa import mvpa_attention
+
+__all__ += ["mvpa_attention"]
+from attnjax.ops.scored.afa import adaptive_filter_attention
+
+__all__ += ["adaptive_filter_attention"]

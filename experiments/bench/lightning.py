@@ -1,4 +1,5 @@
-"""Lightning attention throughput: attnjax lightning vs causal softmax, one run, side by side.
+"""Lightning attention throughput: attnjax lightning vs causal softmax, one run, side by side
+(with zoo part 3's linear-time variants: Flowformer, fastmax, LightNet, NAP).
 
     python -m experiments.bench.cpu lightning           # T = 2K..64K; about 5 minutes on 2 cores
     python -m experiments.bench.cpu lightning --quick   # T = 512, 1K: a smoke test
@@ -26,6 +27,11 @@ from . import common
 
 B, H, D = 1, 8, 64
 SOFTMAX_MAX_T = 16384
+# Zoo part 3's linear-time variants (issue 22), causal, timed beside lightning: time per token
+# should stay flat in length. fastmax carries 1 + D + D(D+1)/2 = 2145 features at D = 64 (its
+# O(T D^2 E) is the paper's), so it is far slower per token than lightning, not steeper.
+ZOO3 = {"flowformer-xla": "flow_attention", "fastmax-xla": "fastmax_attention",
+        "lightnet-xla": "lightnet_attention", "nap-xla": "nap_attention"}
 
 
 def _inputs(T: int, dtype: str):
@@ -54,6 +60,9 @@ def _fn(impl: str):
                                                                     implementation="cudnn"))
     if impl == "fla-chunk":
         return _fla_fn(log_decay)
+    if impl in ZOO3:  # zoo part 3's linear-time variants (issue 22), causal
+        op = getattr(ops, ZOO3[impl])
+        return jax.jit(lambda q, k, v: op(q, k, v, is_causal=True, implementation="xla"))
     raise ValueError(f"unknown implementation {impl!r}")
 
 
@@ -125,12 +134,13 @@ def _summary(rows, ours: str, others, base_T: int):
 
 def cpu(args) -> None:
     lengths = (512, 1024) if args.quick else (2048, 4096, 8192, 16384, 32768, 65536)
-    impls = ("lightning-xla", "softmax-xla")
+    impls = ("lightning-xla", "softmax-xla", *ZOO3)
     rows = _run(lengths, impls, "float32", lambda impl, T: impl.startswith("softmax") and T > SOFTMAX_MAX_T)
     base_T = 4096 if 4096 in lengths else lengths[0]
     payload = {"config": {"B": B, "H": H, "D": D, "E": D, "dtype": "float32", "pass": "forward",
                           "log_decay": "-lightning_slopes(8)", "softmax_max_T": SOFTMAX_MAX_T},
-               "rows": rows, "summary": _summary(rows, "lightning-xla", ("softmax-xla",), base_T)}
+               "rows": rows, "summary": _summary(rows, "lightning-xla", ("softmax-xla",), base_T),
+               "zoo3_summary": {name: _summary(rows, name, ("softmax-xla",), base_T) for name in ZOO3}}
     common.save("lightning", payload, args)
 
 

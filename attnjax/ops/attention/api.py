@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -78,7 +79,9 @@ def attention(
       query: queries ``[B, T, H, D]`` (or ``[T, H, D]``, as jax.nn; the output then has no batch axis).
       key: keys ``[B, S, K, D]``; ``K`` divides ``H`` (grouped-query attention: query head ``h``
         uses key head ``h // (H // K)``, as in jax.nn; K/V are never repeated in memory).
-      value: values ``[B, S, K, E]``.
+      value: values ``[B, S, K, E]``, or ``[B, S, K_v, E]`` with its own head count ``K_v``
+        (dividing ``H``): query head ``h`` then uses value head ``h // (H // K_v)`` (DiffQKV; see
+        :func:`split_head_counts`).
       bias: additive logits, broadcastable to ``[B, H, T, S]`` (rank 4, or lower: leading axes of
         size 1 are added, as jax.nn); it gets gradients.
       mask: an :mod:`attnjax.masks` mask (combine with ``&``, ``|``, ``~``; positional masks are
@@ -139,6 +142,7 @@ def attention(
     True
     """
     q, k, v, unbatched = _batched(query, key, value)
+    k, v = split_head_counts(q, k, v)
     B, T, S, H = _checks.check_qkv(q, k, v, names=JAX_NN_NAMES)[:4]
     if shard is not None and isinstance(shard, Shard):  # masks see global sizes
         B, H, T, S = shard.batch, shard.heads, shard.q_len, shard.kv_len
@@ -390,3 +394,34 @@ def _check_shard(shard, dims: Dims) -> None:
             f"shard.head_ids has shape {tuple(shard.head_ids.shape)}; expected one global head "
             f"index per local head, [heads={dims.heads}]"
         )
+
+
+# -- separate key-head and value-head counts (C8) --------------------------------------------------
+
+
+def split_head_counts(q, k, v):
+    """``(k, v)`` with one head count, for keys and values that have their own (``K_k != K_v``,
+    both dividing ``H``; DiffQKV, "Sigma", Lin et al., 2025).
+
+    Query head ``h`` uses key head ``h // (H // K_k)`` and value head ``h // (H // K_v)``. With
+    ``L = lcm(K_k, K_v)`` (which divides ``H``), repeating each key head ``L / K_k`` times and each
+    value head ``L / K_v`` times gives ordinary grouped-query attention with ``L`` heads that is
+    exactly that map, so every implementation (reference, blockwise, kernels) serves it. The
+    declared cost: the tensor with fewer heads is repeated up to ``L`` heads in memory (the cache
+    stays compressed; only the op's operand grows). Equal counts return ``k, v`` untouched.
+    """
+    if getattr(k, "ndim", 0) != 4 or getattr(v, "ndim", 0) != 4 or getattr(q, "ndim", 0) != 4:
+        return k, v  # check_qkv names what is wrong
+    kk, kv = k.shape[2], v.shape[2]
+    if kk == kv:
+        return k, v
+    H = q.shape[2]
+    for name, n, x in (("key", kk, k), ("value", kv, v)):
+        if n == 0 or H % n:
+            raise ValueError(f"{name} has {n} heads (shape {tuple(x.shape)}), which must divide the {H} query "
+                             f"heads (keys and values may have different head counts, each dividing H)")
+    if k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"key {tuple(k.shape)} and value {tuple(v.shape)} must agree in [batch, kv_len]")
+    L = math.lcm(kk, kv)
+    rep = lambda x, r: x if r == 1 else jnp.repeat(x, r, axis=2)
+    return rep(k, L // kk), rep(v, L // kv)
