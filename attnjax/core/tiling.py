@@ -337,7 +337,13 @@ def logits(
     ``score_mod`` is passed separately from ``problem`` so callers can differentiate it;
     ``heads_first`` is :func:`scores`'.
     """
-    s = scores(q, k, problem.scale, heads_first)
+    return modified_scores(problem, score_mod, scores(q, k, problem.scale, heads_first), bias, q_idx, kv_idx)
+
+
+def modified_scores(problem: Problem, score_mod: ScoreMod | None, s: Array, bias: Array | None,
+                    q_idx: Array, kv_idx: Array) -> Float[Array, "B H t s"]:
+    """What :func:`logits` does after the products ``s``: ``score_mod(s + bias)``, float32
+    (a backward that differentiates the products by hand differentiates this part alone)."""
     if bias is not None:
         s = s + bias.astype(jnp.float32)
     return modify(problem, score_mod, s, q_idx, kv_idx)

@@ -225,14 +225,20 @@ def _backward(tiles: tiling.Tiling, differentiable: bool, q, k, v, bias, problem
             dq_i, dk, dv, dbias, dmod, dnorm = c
             q_idx, kv_idx = _indices(tiles, i, kt)
             q_t, k_j, v_j = _tile_inputs(q_i, k, v, clean, kt, bk, masked)
-            logits = lambda q_, k_, b_, m_: tiling.logits(problem, m_, q_, k_, b_, q_idx, kv_idx, heads_first=True)
-            s, logits_vjp = jax.vjp(logits, q_t, k_j, _bias_tile(bias, i, kt, bq, bk), score_mod)
+            # The logits' products are differentiated by hand (two plain matmuls, below); autodiff
+            # only differentiates what follows them (bias, score mod).
+            qk = tiling.scores(q_t, k_j, problem.scale, heads_first=True)
+            modified = lambda s_, b_, m_: tiling.modified_scores(problem, m_, s_, b_, q_idx, kv_idx)
+            s, modified_vjp = jax.vjp(modified, qk, _bias_tile(bias, i, kt, bq, bk), score_mod)
             ok = tiling.allowed(problem, q_idx, kv_idx) if masked else None
             dp = tiling.scores(do_i, v_j, 1.0, heads_first=True)  # dO V^T, [B, H, bq, bk]
             zs = tiling.dropout_scale(problem, q_idx, kv_idx)
             p, ds, dnorm_t = tiling.tile_backward(normalizer, S, s, ok, lse_i, delta_i, dp, zs)
-            dq_t, dk_j, dbias_t, dmod_t = logits_vjp(ds)
-            dv_j = _values_grad(p, do_i, dv.shape[1])
+            d_qk, dbias_t, dmod_t = modified_vjp(ds)
+            d_qk = d_qk if problem.scale == 1.0 else d_qk * problem.scale
+            dq_t = tiling.weighted_values(d_qk, k_j, heads_first=True)  # dS K, [B, H, bq, D]
+            dk_j = _values_grad(d_qk, q_t, dk.shape[1])  # dS^T Q
+            dv_j = _values_grad(p, do_i, dv.shape[1])  # P^T dO
             if dbias is not None:
                 dbias = _add_at(dbias, dbias_t, (0, 0, i * bq if bias.shape[2] > 1 else 0,
                                                  kt * bk if bias.shape[3] > 1 else 0))
@@ -269,11 +275,15 @@ def _backward(tiles: tiling.Tiling, differentiable: bool, q, k, v, bias, problem
 
 
 def _values_grad(p, do_i, kv_heads):
-    """``P^T dO`` summed over the query heads that share a key head: ``[B, K, bk, E]``."""
+    """``P^T dO`` (or ``dS^T Q``) summed over the query heads that share a key head:
+    ``[B, K, bk, E]``, float32. ``P^T`` is transposed explicitly (a barrier keeps XLA from folding
+    the transpose back into the product): XLA's CPU backend runs a product whose left operand is
+    transposed as a slow single-threaded loop, and a copy plus a plain matmul as fast ones."""
     B, H, t, s = p.shape
-    pg = p.reshape(B, kv_heads, (H // kv_heads) * t, s)
+    pt = lax.optimization_barrier(jnp.swapaxes(p.reshape(B, kv_heads, (H // kv_heads) * t, s), 2, 3))
     dog = do_i.reshape(B, kv_heads, (H // kv_heads) * t, do_i.shape[-1])
-    return lax.dot_general(pg, dog, (((2,), (2,)), ((0, 1), (0, 1))), precision=lax.Precision.HIGHEST)
+    return lax.dot_general(pt, dog, (((3,), (2,)), ((0, 1), (0, 1))), precision=lax.Precision.HIGHEST,
+                           preferred_element_type=jnp.float32)
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
