@@ -62,6 +62,21 @@ def test_cpu_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_cpu_peers_benchmark_smoke(tmp_path):
+    """``python -m experiments.bench.cpu peers --quick``: attnjax and whichever peers import here,
+    interleaved, each row with GFLOP/s and its fraction of the measured matmul peak."""
+    out = tmp_path / "peers.json"
+    subprocess.run([sys.executable, "-m", "experiments.bench.cpu", "peers", "--quick", "--out", str(out)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=900)
+    result = json.loads(out.read_text())
+    rows = [r for r in result["rows"] if r["implementation"] == "attnjax"]
+    assert {r["case"] for r in rows} == {"causal", "sliding_window", "document", "na1d", "na2d"}
+    assert all(r["seconds"] > 0 and 0 < r["fraction_of_peak"] for r in rows), rows
+    assert result["peak_gflops"]["peak"] > 0 and "jax.nn" in result["available"]
+    assert out.with_name("peers-causal.png").stat().st_size > 0
+
+
+@pytest.mark.slow
 def test_gpu_benchmark_dry_run_on_cpu(tmp_path):
     """``python -m experiments.bench.gpu all --dry-run``: every GPU suite at tiny sizes, the
     kernels in interpret mode, each checked against the reference, into one JSON."""

@@ -82,7 +82,10 @@ class BlockSizes:
 DEFAULTS: dict[tuple[str, str], BlockSizes] = {
     # Blockwise XLA attention. Measured for causal attention at T=8K on a 2-core CPU:
     # 256x256 0.78 s, 512x512 0.91 s, 1024x1024 1.42 s, 256x1024 0.74 s; small key tiles also
-    # skip more of sparse masks.
+    # skip more of sparse masks. Remeasured after the heads-first layout (issue 19; CPU seconds,
+    # interleaved, causal 4K): forward 256x256 0.156, 512x256 0.156, 512x512 0.157, 256x512 0.163,
+    # 128x256 0.170, 128x128 0.210; forward+backward 256x256 0.54, 512x256 0.58, 128x256 0.59,
+    # 256x512 0.66; sliding window 256 at 8K 128x128 0.113, 256x256 0.119, 512x512 0.173.
     ("xla", "any"): BlockSizes(256, 256),
     # Pallas flash kernels: 128 in interpret mode (fewer, larger XLA programs); 64 on GPU, the
     # largest square tile whose fp32 accumulators stay in registers for D <= 128.

@@ -257,8 +257,19 @@ def collapse(block_map: Int8[Array, "b h nq nk"], pad_kv: bool = False) -> Int8[
     return classes
 
 
-def scores(q: Float[Array, "B t H D"], k: Float[Array, "B s K D"], scale: float) -> Array:
-    """Scaled dot products in float32, ``[B, H, t, s]``, without repeating K/V heads for GQA."""
+def scores(q: Float[Array, "B t H D"], k: Float[Array, "B s K D"], scale: float, heads_first: bool = False) -> Array:
+    """Scaled dot products in float32, ``[B, H, t, s]``, without repeating K/V heads for GQA.
+
+    ``heads_first``: ``q`` is ``[B, H, t, D]`` and ``k`` ``[B, K, s, D]`` (the blockwise XLA
+    path's layout): the products are then one batched matmul per key head, the ``G`` query heads
+    that share it stacked into its rows, with no transpose of any operand or result."""
+    if heads_first:
+        B, H, t, D = q.shape
+        K, s_len = k.shape[1], k.shape[2]
+        s = lax.dot_general(q.reshape(B, K, (H // K) * t, D), k, (((3,), (3,)), ((0, 1), (0, 1))),
+                            precision=precision(q.dtype), preferred_element_type=jnp.float32)
+        s = s.reshape(B, H, t, s_len)
+        return s if scale == 1.0 else s * scale
     B, t, H, D = q.shape
     K = k.shape[2]
     qg = q.reshape(B, t, K, H // K, D)
@@ -268,9 +279,14 @@ def scores(q: Float[Array, "B t H D"], k: Float[Array, "B s K D"], scale: float)
     return s.reshape(B, H, t, k.shape[1]) * scale
 
 
-def weighted_values(w: Float[Array, "B H t s"], v: Float[Array, "B s K E"]) -> Array:
-    """``w @ v`` per head in float32, ``[B, H, t, E]``."""
+def weighted_values(w: Float[Array, "B H t s"], v: Float[Array, "B s K E"], heads_first: bool = False) -> Array:
+    """``w @ v`` per head in float32, ``[B, H, t, E]`` (``heads_first``: ``v`` is ``[B, K, s, E]``)."""
     B, H, t, s = w.shape
+    if heads_first:
+        K, E = v.shape[1], v.shape[3]
+        out = lax.dot_general(w.reshape(B, K, (H // K) * t, s), v, (((3,), (2,)), ((0, 1), (0, 1))),
+                              precision=precision(v.dtype), preferred_element_type=jnp.float32)
+        return out.reshape(B, H, t, E)
     K = v.shape[2]
     wg = w.reshape(B, K, H // K, t, s)
     out = jnp.einsum(
@@ -314,12 +330,20 @@ def logits(
     bias: Array | None,
     q_idx: Array,
     kv_idx: Array,
+    heads_first: bool = False,
 ) -> Float[Array, "B H t s"]:
     """Logits of a tile: ``score_mod(scale * q k^T + bias)``, float32.
 
-    ``score_mod`` is passed separately from ``problem`` so callers can differentiate it.
+    ``score_mod`` is passed separately from ``problem`` so callers can differentiate it;
+    ``heads_first`` is :func:`scores`'.
     """
-    s = scores(q, k, problem.scale)
+    return modified_scores(problem, score_mod, scores(q, k, problem.scale, heads_first), bias, q_idx, kv_idx)
+
+
+def modified_scores(problem: Problem, score_mod: ScoreMod | None, s: Array, bias: Array | None,
+                    q_idx: Array, kv_idx: Array) -> Float[Array, "B H t s"]:
+    """What :func:`logits` does after the products ``s``: ``score_mod(s + bias)``, float32
+    (a backward that differentiates the products by hand differentiates this part alone)."""
     if bias is not None:
         s = s + bias.astype(jnp.float32)
     return modify(problem, score_mod, s, q_idx, kv_idx)

@@ -149,7 +149,7 @@ LENGTH_KEYS = ("T", "tokens", "seq_len", "size", "kernel")
 attention, whose suite varies the window at a fixed length)."""
 TIME_KEYS = ("seconds", "forward_backward_s", "forward_s")
 MEMORY_KEYS = ("peak_extra_bytes", "peak_bytes")
-_MEASURED = re.compile(r"(seconds|_s|bytes|tflops|per_token|error|reference|skipped)$")
+_MEASURED = re.compile(r"(seconds|_s|bytes|tflops|gflops|of_peak|per_token|error|reference|skipped)$")
 
 
 def plot_scaling(record: dict, path: Path) -> Path | None:

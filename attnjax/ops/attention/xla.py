@@ -43,12 +43,18 @@ def attention(problem: Problem, q, k, v, bias, block_sizes: BlockSizes | None = 
     plan = (classes, *tiling.compact(classes))
     t_pad, s_pad = round_up(d.q_len, bq) - d.q_len, round_up(d.kv_len, bk) - d.kv_len
 
-    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))
+    # Heads first ([B, H, T, D]): every tile's products are then plain batched matmuls, with no
+    # transpose per tile; the scale goes into q once (O(T D)) instead of into every tile's logits.
+    # Both happen outside the custom VJP, so autodiff gives their (as cheap) backward.
+    heads_first = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
     if bias is not None:
         bias = jnp.pad(bias, [(0, 0), (0, 0), (0, t_pad if bias.shape[2] > 1 else 0),
                               (0, s_pad if bias.shape[3] > 1 else 0)])
-    out, lse = _blockwise(tiling.Tiling(bq, bk), pad(q, t_pad), pad(k, s_pad), pad(v, s_pad), bias, problem, plan)
-    return out[:, : d.q_len], lse[:, :, : d.q_len].transpose(0, 2, 1)
+    q = (q.astype(jnp.float32) * problem.scale).astype(q.dtype) if problem.scale != 1.0 else q
+    problem = Problem(d, 1.0, problem.mask, problem.score_mod, problem.normalizer, problem.dropout, problem.shard)
+    out, lse = _blockwise(tiling.Tiling(bq, bk), heads_first(q, t_pad), heads_first(k, s_pad), heads_first(v, s_pad),
+                          bias, problem, plan)  # [B, H, T, E], [B, H, T]
+    return out[:, :, : d.q_len].transpose(0, 2, 1, 3), lse[:, :, : d.q_len].transpose(0, 2, 1)
 
 
 def _bias_tile(bias, i, kt, bq, bk):
@@ -89,12 +95,12 @@ def _blockwise(tiles, q, k, v, bias, problem, plan):
 
 
 def _keys(x, kt, bk):
-    return lax.dynamic_slice_in_dim(x, kt * bk, bk, axis=1)
+    return lax.dynamic_slice_in_dim(x, kt * bk, bk, axis=2)
 
 
 def _may_mask(problem: Problem, k) -> bool:
     """Whether some tile can be PARTIAL: a mask, a shard (keys outside the sequence) or padded keys."""
-    return problem.mask is not None or problem.shard is not None or k.shape[1] != problem.dims.kv_len
+    return problem.mask is not None or problem.shard is not None or k.shape[2] != problem.dims.kv_len
 
 
 def _tile_inputs(q_i, k, v, clean, kt, bk, masked: bool):
@@ -109,25 +115,33 @@ def _tile_inputs(q_i, k, v, clean, kt, bk, masked: bool):
     return (q_i if q_c is None else q_c), _keys(k_c, kt, bk), _keys(v_c, kt, bk)
 
 
+def _materialized(*xs):
+    """``xs`` as they are, in the heads-first layout: the barrier keeps XLA from sinking the
+    transposes to that layout back into the tile loop (which would transpose every tile's
+    operands and, on CPU, compute ``K Q^T`` and read every tile's logits strided)."""
+    return lax.optimization_barrier(xs)
+
+
 def _forward(tiles: tiling.Tiling, q, k, v, bias, problem: Problem, plan):
     B, H, E = problem.dims.batch, problem.dims.heads, problem.dims.v_dim
     normalizer, S = problem.normalizer, problem.lengths[1]
     bq, bk = tiles.block_q, tiles.block_k
-    nq = q.shape[1] // bq
+    nq = q.shape[2] // bq
     # What PARTIAL tiles read (non-finite inputs stay masked); nothing if no tile can be PARTIAL.
+    q, k, v = _materialized(q, k, v)
     k_p, v_c = tiling.poison_keys(k, v) if _may_mask(problem, k) else (k, v)
 
     def tile_row(i):
-        q_i = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)  # [B, bq, H, D]
+        q_i = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=2)  # [B, H, bq, D]
 
         def body(kt, masked, carry):
             q_idx, kv_idx = _indices(tiles, i, kt)
             q_t, k_j, v_j = _tile_inputs(q_i, k, v, (None, k_p, v_c), kt, bk, masked)
             s = tiling.logits(problem, problem.score_mod, q_t, k_j, _bias_tile(bias, i, kt, bq, bk),
-                              q_idx, kv_idx)  # [B, H, bq, bk]
+                              q_idx, kv_idx, heads_first=True)  # [B, H, bq, bk]
             ok = tiling.allowed(problem, q_idx, kv_idx) if masked else None
             zs = tiling.dropout_scale(problem, q_idx, kv_idx)
-            pv = lambda p: tiling.weighted_values(p, v_j)
+            pv = lambda p: tiling.weighted_values(p, v_j, heads_first=True)
             if normalizer.row_normalized:
                 return tiling.softmax_update(carry, tiling.masked_logits(s, ok, -jnp.inf), pv, zs)
             return (carry[0] + pv(tiling.elementwise_weights(normalizer, S, s, ok, zs)),)
@@ -136,13 +150,13 @@ def _forward(tiles: tiling.Tiling, q, k, v, bias, problem: Problem, plan):
         acc0 = zeros(B, H, bq, E)
         if not normalizer.row_normalized:
             (acc,) = _row_loop(plan, i, body, (acc0,))
-            return acc.transpose(0, 2, 1, 3).astype(q.dtype), zeros(B, H, bq)
+            return acc.astype(q.dtype), zeros(B, H, bq)
         carry = _row_loop(plan, i, body, (jnp.full((B, H, bq), -jnp.inf), zeros(B, H, bq), acc0))
         out, lse = tiling.softmax_finish(*carry)
-        return out.transpose(0, 2, 1, 3).astype(q.dtype), lse
+        return out.astype(q.dtype), lse
 
-    out, lse = lax.map(tile_row, jnp.arange(nq))  # [nq, B, bq, H, E], [nq, B, H, bq]
-    out = jnp.moveaxis(out, 0, 1).reshape(B, nq * bq, H, E)
+    out, lse = lax.map(tile_row, jnp.arange(nq))  # [nq, B, H, bq, E], [nq, B, H, bq]
+    out = jnp.moveaxis(out, 0, 2).reshape(B, H, nq * bq, E)
     lse = jnp.moveaxis(lse, 0, 2).reshape(B, H, nq * bq)
     return out, lse
 
@@ -189,42 +203,49 @@ def _backward(tiles: tiling.Tiling, differentiable: bool, q, k, v, bias, problem
     """The blockwise backward: cotangents of ``(q, k, v, bias, problem, plan)``."""
     score_mod, normalizer, S = problem.score_mod, problem.normalizer, problem.lengths[1]
     bq, bk = tiles.block_q, tiles.block_k
-    nq = q.shape[1] // bq
+    nq = q.shape[2] // bq
 
     f32 = lambda x: x.astype(jnp.float32)
     zeros_like = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
     d_out = f32(d_out)
     # delta = rowsum(dO * O) - dlse: the softmax backward's correction (FlashAttention-2), [B, H, T].
-    delta = (d_out * f32(out)).sum(-1).transpose(0, 2, 1) - d_lse
+    delta = (d_out * f32(out)).sum(-1) - d_lse
     lse = jnp.where(jnp.isneginf(lse), 0.0, lse)  # rows with no key: their p is 0 regardless
 
+    q, k, v, out, d_out = _materialized(q, k, v, out, d_out)
     q_c, k_c, v_c = tiling.zero_non_finite(q, k, v) if _may_mask(problem, k) else (q, k, v)
 
     def tile_row(carry, i):
         sl = lambda x, axis: lax.dynamic_slice_in_dim(x, i * bq, bq, axis=axis)
-        q_i, do_i = sl(q, 1), sl(d_out, 1)  # [B, bq, H, D], [B, bq, H, E]
+        q_i, do_i = sl(q, 2), sl(d_out, 2)  # [B, H, bq, D], [B, H, bq, E]
         lse_i, delta_i = sl(lse, 2)[..., None], sl(delta, 2)[..., None]  # [B, H, bq, 1]
-        clean = (sl(q_c, 1), k_c, v_c)
+        clean = (sl(q_c, 2), k_c, v_c)
 
         def body(kt, masked, c):
             dq_i, dk, dv, dbias, dmod, dnorm = c
             q_idx, kv_idx = _indices(tiles, i, kt)
             q_t, k_j, v_j = _tile_inputs(q_i, k, v, clean, kt, bk, masked)
-            logits = lambda q_, k_, b_, m_: tiling.logits(problem, m_, q_, k_, b_, q_idx, kv_idx)
-            s, logits_vjp = jax.vjp(logits, q_t, k_j, _bias_tile(bias, i, kt, bq, bk), score_mod)
+            # The logits' products are differentiated by hand (two plain matmuls, below); autodiff
+            # only differentiates what follows them (bias, score mod).
+            qk = tiling.scores(q_t, k_j, problem.scale, heads_first=True)
+            modified = lambda s_, b_, m_: tiling.modified_scores(problem, m_, s_, b_, q_idx, kv_idx)
+            s, modified_vjp = jax.vjp(modified, qk, _bias_tile(bias, i, kt, bq, bk), score_mod)
             ok = tiling.allowed(problem, q_idx, kv_idx) if masked else None
-            dp = tiling.scores(do_i, v_j, 1.0)  # dO V^T, [B, H, bq, bk]
+            dp = tiling.scores(do_i, v_j, 1.0, heads_first=True)  # dO V^T, [B, H, bq, bk]
             zs = tiling.dropout_scale(problem, q_idx, kv_idx)
             p, ds, dnorm_t = tiling.tile_backward(normalizer, S, s, ok, lse_i, delta_i, dp, zs)
-            dq_t, dk_j, dbias_t, dmod_t = logits_vjp(ds)
-            dv_j = _values_grad(p, do_i, dv.shape[2])
+            d_qk, dbias_t, dmod_t = modified_vjp(ds)
+            d_qk = d_qk if problem.scale == 1.0 else d_qk * problem.scale
+            dq_t = tiling.weighted_values(d_qk, k_j, heads_first=True)  # dS K, [B, H, bq, D]
+            dk_j = _values_grad(d_qk, q_t, dk.shape[1])  # dS^T Q
+            dv_j = _values_grad(p, do_i, dv.shape[1])  # P^T dO
             if dbias is not None:
                 dbias = _add_at(dbias, dbias_t, (0, 0, i * bq if bias.shape[2] > 1 else 0,
                                                  kt * bk if bias.shape[3] > 1 else 0))
             return (
                 dq_i + dq_t,
-                _add_at(dk, dk_j, (0, kt * bk, 0, 0)),
-                _add_at(dv, dv_j, (0, kt * bk, 0, 0)),
+                _add_at(dk, dk_j, (0, 0, kt * bk, 0)),
+                _add_at(dv, dv_j, (0, 0, kt * bk, 0)),
                 dbias,
                 _tree_add(dmod, dmod_t),
                 _tree_add(dnorm, dnorm_t),
@@ -244,7 +265,7 @@ def _backward(tiles: tiling.Tiling, differentiable: bool, q, k, v, bias, problem
         zeros_like(normalizer),
     )
     (dk, dv, dbias, dmod, dnorm), dq = lax.scan(tile_row, init, jnp.arange(nq))
-    dq = jnp.moveaxis(dq, 0, 1).reshape(q.shape)
+    dq = jnp.moveaxis(dq, 0, 2).reshape(q.shape)
     cast = lambda g, x: g.astype(x.dtype)
     none = lambda tree: jax.tree.map(lambda _: None, tree)
     d_problem = Problem(problem.dims, problem.scale, none(problem.mask), jax.tree.map(cast, dmod, score_mod),
@@ -254,11 +275,15 @@ def _backward(tiles: tiling.Tiling, differentiable: bool, q, k, v, bias, problem
 
 
 def _values_grad(p, do_i, kv_heads):
-    """``P^T dO`` summed over the query heads that share a key head: ``[B, bk, K, E]``."""
+    """``P^T dO`` (or ``dS^T Q``) summed over the query heads that share a key head:
+    ``[B, K, bk, E]``, float32. ``P^T`` is transposed explicitly (a barrier keeps XLA from folding
+    the transpose back into the product): XLA's CPU backend runs a product whose left operand is
+    transposed as a slow single-threaded loop, and a copy plus a plain matmul as fast ones."""
     B, H, t, s = p.shape
-    pg = p.reshape(B, kv_heads, H // kv_heads, t, s)
-    dog = do_i.reshape(B, t, kv_heads, H // kv_heads, do_i.shape[-1])
-    return jnp.einsum("bkgts,btkge->bske", pg, dog, precision=lax.Precision.HIGHEST)
+    pt = lax.optimization_barrier(jnp.swapaxes(p.reshape(B, kv_heads, (H // kv_heads) * t, s), 2, 3))
+    dog = do_i.reshape(B, kv_heads, (H // kv_heads) * t, do_i.shape[-1])
+    return lax.dot_general(pt, dog, (((3,), (2,)), ((0, 1), (0, 1))), precision=lax.Precision.HIGHEST,
+                           preferred_element_type=jnp.float32)
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
