@@ -47,3 +47,12 @@ __all__ = [
     "routing_attention", "routing_clusters", "routing_init", "routing_update",
     "moa_attention", "hyper_attention", "landmark_attention",
 ]
+
+# -- zoo part 1 (vision structure): sampling and deformable attention ---------------------------
+from attnjax.ops.vision.sampling import bilinear_gather  # noqa: E402
+from attnjax.ops.vision.deformable import deformable_attention  # noqa: E402
+
+__all__ += ["bilinear_gather", "deformable_attention"]
+from attnjax.ops.vision.channel import channel_attention  # noqa: E402
+
+__all__ += ["channel_attention"]
