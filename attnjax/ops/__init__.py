@@ -49,10 +49,19 @@ __all__ = [
 ]
 
 # -- zoo part 1 (vision structure): sampling and deformable attention ---------------------------
-from attnjax.ops.vision.sampling import bilinear_gather  # noqa: E402
-from attnjax.ops.vision.deformable import deformable_attention  # noqa: E402
+from attnjax.ops.vision.sampling import bilinear_gather
+from attnjax.ops.vision.deformable import deformable_attention
 
 __all__ += ["bilinear_gather", "deformable_attention"]
-from attnjax.ops.vision.channel import channel_attention  # noqa: E402
+from attnjax.ops.vision.channel import channel_attention
 
 __all__ += ["channel_attention"]
+from attnjax.ops.vision.halo import halo_attention, halo_mask
+
+__all__ += ["halo_attention", "halo_mask"]
+from attnjax.ops.vision.gcvit import window_cross_attention
+
+__all__ += ["window_cross_attention"]
+from attnjax.ops.vision.area import area_attention
+
+__all__ += ["area_attention"]
