@@ -36,3 +36,31 @@ __all__ = [
     "MegaLayer", "MultiAxisAttention", "MaxViTBlock", "MultiTokenAttention", "SelectiveAttention",
     "LinearGlobalAttention", "LocalConcentration", "L2ViTBlock", "L2ViTBlockPair",
 ]
+
+# -- zoo part 1 (vision structure) ----------------------------------------------------------------
+from attnjax.nn.deformable import MSDeformableAttention
+from attnjax.nn.vision_windows import (
+    AreaAttention,
+    CrossFormerAttention,
+    CrossFormerBlock,
+    DynamicPosBias,
+    GCViTGlobalQuery,
+    GlobalWindowAttention,
+    HaloAttention,
+)
+
+__all__ += [
+    "MSDeformableAttention", "AreaAttention", "CrossFormerAttention", "CrossFormerBlock", "DynamicPosBias",
+    "GCViTGlobalQuery", "GlobalWindowAttention", "HaloAttention",
+]
+from attnjax.nn.vision_tokens import (
+    BoxRPBCrossAttention,
+    ChannelGroupAttention,
+    CrossAttentionToken,
+    CrossViTFusion,
+    DaViTBlock,
+    TNTBlock,
+)
+
+__all__ += ["BoxRPBCrossAttention", "ChannelGroupAttention", "CrossAttentionToken", "CrossViTFusion", "DaViTBlock",
+            "TNTBlock"]
