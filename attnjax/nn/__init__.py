@@ -64,3 +64,6 @@ from attnjax.nn.vision_tokens import (
 
 __all__ += ["BoxRPBCrossAttention", "ChannelGroupAttention", "CrossAttentionToken", "CrossViTFusion", "DaViTBlock",
             "TNTBlock"]
+from attnjax.nn import cnn
+
+__all__ += ["cnn"]

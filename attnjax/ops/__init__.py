@@ -65,3 +65,6 @@ __all__ += ["window_cross_attention"]
 from attnjax.ops.vision.area import area_attention
 
 __all__ += ["area_attention"]
+from attnjax.ops.vision.adl import attention_diversity_loss
+
+__all__ += ["attention_diversity_loss"]
