@@ -47,11 +47,12 @@ from attnjax.nn.vision_windows import (
     GCViTGlobalQuery,
     GlobalWindowAttention,
     HaloAttention,
+    VSAWindowAttention,
 )
 
 __all__ += [
     "MSDeformableAttention", "AreaAttention", "CrossFormerAttention", "CrossFormerBlock", "DynamicPosBias",
-    "GCViTGlobalQuery", "GlobalWindowAttention", "HaloAttention",
+    "GCViTGlobalQuery", "GlobalWindowAttention", "HaloAttention", "VSAWindowAttention",
 ]
 from attnjax.nn.vision_tokens import (
     BoxRPBCrossAttention,

@@ -353,6 +353,76 @@ class CrossFormerBlock(nnx.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class VSAWindowAttention(nnx.Module):
+    r"""VSA's varied-size window attention on a ``[B, h, w, C]`` map: per window and head a
+    regressor ``Linear(LeakyReLU(AvgPool_{p}(x)))`` (zero-initialized, so training starts from
+    window attention) predicts scales and offsets ``(x, y)``; keys and values are sampled from
+    the scaled, shifted windows (:func:`attnjax.ops.sampled_window_attention`), with a Swin
+    relative position bias.
+
+    >>> import jax
+    >>> from flax import nnx
+    >>> from attnjax import nn
+    >>> m = nn.VSAWindowAttention(2, 16, window=4, rngs=nnx.Rngs(0))
+    >>> m(jax.random.normal(jax.random.key(0), (1, 8, 8, 16))).shape
+    (1, 8, 8, 16)
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        in_features: int,
+        *,
+        window: int = 7,
+        use_bias: bool = True,
+        implementation=None,
+        dtype=None,
+        rngs: nnx.Rngs,
+    ):
+        H, C, _ = _checks.head_features(num_heads, in_features)
+        self.window, self.in_features, self.implementation = (
+            _checks.positive_int("window", window),
+            C,
+            implementation,
+        )
+        self.query, self.key, self.value, self.out = head_projections(
+            C, H, C // H, use_bias=use_bias, dtype=dtype, rngs=rngs
+        )
+        zeros = nnx.initializers.zeros
+        reg = lambda: nnx.LinearGeneral(
+            C,
+            (H, 2),
+            kernel_init=zeros,
+            bias_init=zeros,
+            dtype=dtype,
+            rngs=rngs,
+            kernel_metadata=axes("embed", "heads", None),
+            bias_metadata=axes("heads", None),
+        )
+        self.offsets, self.scales = reg(), reg()
+        n = 2 * window - 1
+        self.rel_table = param(
+            0.02 * jax.random.truncated_normal(rngs.params(), -2, 2, (H, n, n)), "heads", None, None
+        )
+
+    def __call__(self, x: Float[Array, "B h w C"]) -> Float[Array, "B h w C"]:
+        _check_map(x, self.in_features)
+        p = self.window
+        pooled = jax.nn.leaky_relu(nnx.avg_pool(x, (p, p), strides=(p, p)))  # [B, h/p, w/p, C]
+        mod = score_mods.relative_bias_2d(self.rel_table[...], p)
+        out = ops.sampled_window_attention(
+            self.query(x),
+            self.key(x),
+            self.value(x),
+            self.scales(pooled),
+            self.offsets(pooled),
+            window=p,
+            score_mod=mod,
+            implementation=self.implementation,
+        )
+        return self.out(out)
+
+
 __all__ = [
     "AreaAttention",
     "CrossFormerAttention",
@@ -362,4 +432,5 @@ __all__ = [
     "GlobalWindowAttention",
     "HaloAttention",
     "SqueezeExcite",
+    "VSAWindowAttention",
 ]

@@ -68,3 +68,6 @@ __all__ += ["area_attention"]
 from attnjax.ops.vision.adl import attention_diversity_loss
 
 __all__ += ["attention_diversity_loss"]
+from attnjax.ops.vision.vsa import sampled_window_attention
+
+__all__ += ["sampled_window_attention"]

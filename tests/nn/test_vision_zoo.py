@@ -32,6 +32,7 @@ MODULES = {
     "gc_query": lambda r: nn.GCViTGlobalQuery(8, 2, levels=1, rngs=r),
     "gc_attn": lambda r: nn.GlobalWindowAttention(2, 8, window=3, rngs=r),
     "area": lambda r: nn.AreaAttention(2, 8, area=2, rngs=r),
+    "vsa": lambda r: nn.VSAWindowAttention(2, 8, window=3, rngs=r),
     "davit_channel": lambda r: nn.DaViTBlock(2, 8, kind="channel", rngs=r),
     "davit_spatial": lambda r: nn.DaViTBlock(2, 8, kind="spatial", window=3, rngs=r),
     "crossvit": lambda r: nn.CrossViTFusion(8, 12, num_heads=2, rngs=r),
@@ -135,4 +136,26 @@ def test_gcvit_global_query_and_window_attention():
         ],
         what="gcvit",
         loss=lambda m, x, q: jnp.mean(m(x, q) ** 2),
+    )
+
+
+def test_vsa_module_starts_as_window_attention():
+    m = nn.VSAWindowAttention(2, 8, window=3, rngs=nnx.Rngs(0))  # zero-initialized regressor
+    harness.check_module_is_op(
+        m,
+        (MAP,),
+        lambda m, x: [
+            (
+                m(x),
+                m.out(
+                    ops.block_attention(
+                        *harness.projections(m, x),
+                        window=3,
+                        score_mod=score_mods.relative_bias_2d(m.rel_table[...], 3),
+                    )
+                ),
+            )
+        ],
+        what="vsa",
+        loss=lambda m, x: jnp.mean(m(x) ** 2),
     )
