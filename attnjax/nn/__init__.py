@@ -48,14 +48,17 @@ from attnjax.nn.vision_windows import (
     GlobalWindowAttention,
     HaloAttention,
     VSAWindowAttention,
+    VaryingWindowAttention,
 )
 
 __all__ += [
     "MSDeformableAttention", "AreaAttention", "CrossFormerAttention", "CrossFormerBlock", "DynamicPosBias",
     "GCViTGlobalQuery", "GlobalWindowAttention", "HaloAttention", "VSAWindowAttention",
+    "VaryingWindowAttention",
 ]
 from attnjax.nn.vision_tokens import (
     BoxRPBCrossAttention,
+    CATANetAttention,
     ChannelGroupAttention,
     CrossAttentionToken,
     CrossViTFusion,
@@ -63,7 +66,7 @@ from attnjax.nn.vision_tokens import (
     TNTBlock,
 )
 
-__all__ += ["BoxRPBCrossAttention", "ChannelGroupAttention", "CrossAttentionToken", "CrossViTFusion", "DaViTBlock",
+__all__ += ["BoxRPBCrossAttention", "CATANetAttention", "ChannelGroupAttention", "CrossAttentionToken", "CrossViTFusion", "DaViTBlock",
             "TNTBlock"]
 from attnjax.nn import cnn
 

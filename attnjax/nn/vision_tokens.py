@@ -283,6 +283,73 @@ class TNTBlock(nnx.Module):
         return words, patches + self.outer_mlp(self.outer_norm2(patches))
 
 
+class TokenCenters(nnx.Variable):
+    """CATANet's token centres ``[M, C]``: state moved by an exponential moving average of the
+    tokens assigned to each centre, not a trained Param."""
+
+
+class CATANetAttention(nnx.Module):
+    r"""CATANet's token-aggregation attention (IASA + IRCA) on ``[B, N, C]`` tokens: tokens are
+    assigned to ``M`` centres by cosine similarity (:func:`attnjax.ops.cosine_assign`), sorted by
+    centre, and attend within sorted groups of ``group`` (and the next group); every token also
+    attends to the ``M`` projected centres (:func:`attnjax.ops.token_aggregation_attention`).
+    With ``update=True`` (training) the centres move towards the mean of their tokens,
+    ``mu <- momentum mu + (1 - momentum) mean(x -> mu)`` (one k-means step per call, no gradient).
+
+    >>> import jax
+    >>> from flax import nnx
+    >>> from attnjax import nn
+    >>> m = nn.CATANetAttention(2, 16, num_centers=4, group=8, rngs=nnx.Rngs(0))
+    >>> m(jax.random.normal(jax.random.key(0), (1, 30, 16)), update=True).shape
+    (1, 30, 16)
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        in_features: int,
+        *,
+        num_centers: int = 8,
+        group: int = 128,
+        momentum: float = 0.999,
+        implementation=None,
+        dtype=None,
+        rngs: nnx.Rngs,
+    ):
+        H, C, _ = _checks.head_features(num_heads, in_features)
+        M = _checks.positive_int("num_centers", num_centers)
+        self.group, self.momentum, self.in_features = _checks.positive_int("group", group), momentum, C
+        self.implementation = implementation
+        self.query, self.key, self.value, self.out = head_projections(
+            C, H, C // H, use_bias=False, dtype=dtype, rngs=rngs
+        )
+        self.centers = TokenCenters(jax.random.normal(rngs.params(), (M, C)))
+
+    def __call__(self, x: Float[Array, "B N C"], *, update: bool = False) -> Float[Array, "B N C"]:
+        if x.ndim != 3 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have shape [batch, tokens, C={self.in_features}]; got {x.shape}")
+        mu = self.centers[...]
+        assignment = ops.cosine_assign(x, mu)
+        centers = mu[None].astype(x.dtype)
+        out = ops.token_aggregation_attention(
+            self.query(x),
+            self.key(x),
+            self.value(x),
+            assignment,
+            group=self.group,
+            center_k=self.key(centers),
+            center_v=self.value(centers),
+            implementation=self.implementation,
+        )
+        if update:
+            onehot = jax.nn.one_hot(assignment, mu.shape[0], dtype=jnp.float32)  # [B, N, M]
+            sums = jnp.einsum("bnm,bnc->mc", onehot, jax.lax.stop_gradient(x).astype(jnp.float32))
+            counts = onehot.sum((0, 1))[:, None]
+            mean = jnp.where(counts > 0, sums / jnp.maximum(counts, 1), mu)
+            self.centers[...] = self.momentum * mu + (1 - self.momentum) * mean
+        return self.out(out)
+
+
 def box_deltas(boxes: Float[Array, "B M 4"], size: int, stride: float, axis: int, mode: str) -> Array:
     """BoxRPB's inputs along one axis: ``[x1 - p, x2 - p]`` for pixel centres ``p = (i + 0.5)
     stride`` (``axis`` 0: x from ``(x1, x2)``, 1: y from ``(y1, y2)``), ``[B, M, size, 2]``;
@@ -378,6 +445,8 @@ class BoxRPBCrossAttention(nnx.Module):
 
 
 __all__ = [
+    "CATANetAttention",
+    "TokenCenters",
     "BoxRPBCrossAttention",
     "ChannelGroupAttention",
     "CrossAttentionToken",

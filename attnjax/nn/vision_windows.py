@@ -423,6 +423,63 @@ class VSAWindowAttention(nnx.Module):
         return self.out(out)
 
 
+class VaryingWindowAttention(nnx.Module):
+    r"""VWA (VWFormer) on a ``[B, h, w, C]`` map: one branch per context ``ratio``, each
+    :func:`attnjax.ops.varying_window_attention` on its own projections (window ``P``, context
+    ``R P`` pooled to ``P x P``), the branches' output projections summed (multi-scale context at
+    the cost of window attention per branch).
+
+    >>> import jax
+    >>> from flax import nnx
+    >>> from attnjax import nn
+    >>> m = nn.VaryingWindowAttention(2, 16, window=4, ratios=(1, 3), rngs=nnx.Rngs(0))
+    >>> m(jax.random.normal(jax.random.key(0), (1, 8, 8, 16))).shape
+    (1, 8, 8, 16)
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        in_features: int,
+        *,
+        window: int = 8,
+        ratios: tuple[int, ...] = (2, 4),
+        padding: str = "replicate",
+        implementation=None,
+        dtype=None,
+        rngs: nnx.Rngs,
+    ):
+        H, C, _ = _checks.head_features(num_heads, in_features)
+        if not ratios:
+            raise ValueError("ratios must name at least one context ratio")
+        self.window, self.ratios, self.padding = (
+            _checks.positive_int("window", window),
+            tuple(ratios),
+            padding,
+        )
+        self.in_features, self.implementation = C, implementation
+        self.branches = nnx.List(
+            [nnx.List(head_projections(C, H, C // H, dtype=dtype, rngs=rngs)) for _ in ratios]
+        )
+
+    def __call__(self, x: Float[Array, "B h w C"]) -> Float[Array, "B h w C"]:
+        _check_map(x, self.in_features)
+        out = 0
+        for (q, k, v, o), r in zip(self.branches, self.ratios):
+            out = out + o(
+                ops.varying_window_attention(
+                    q(x),
+                    k(x),
+                    v(x),
+                    window=self.window,
+                    ratio=r,
+                    padding=self.padding,
+                    implementation=self.implementation,
+                )
+            )
+        return out
+
+
 __all__ = [
     "AreaAttention",
     "CrossFormerAttention",
@@ -433,4 +490,5 @@ __all__ = [
     "HaloAttention",
     "SqueezeExcite",
     "VSAWindowAttention",
+    "VaryingWindowAttention",
 ]

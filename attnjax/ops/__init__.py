@@ -71,3 +71,9 @@ __all__ += ["attention_diversity_loss"]
 from attnjax.ops.vision.vsa import sampled_window_attention
 
 __all__ += ["sampled_window_attention"]
+from attnjax.ops.vision.catanet import cosine_assign, token_aggregation_attention
+
+__all__ += ["cosine_assign", "token_aggregation_attention"]
+from attnjax.ops.vision.vwa import varying_window_attention
+
+__all__ += ["varying_window_attention"]

@@ -119,3 +119,26 @@ def test_deformable_module_samples_at_the_reference_point():
     np.testing.assert_allclose(bias[:, 1, 1], 2 * bias[:, 1, 0], atol=1e-6)
     with pytest.raises(ValueError, match="levels"):
         m(query, ref, value, [(4, 5)])
+
+
+def test_catanet_module_is_its_op_and_moves_its_centres():
+    m = nn.CATANetAttention(2, 8, num_centers=3, group=4, rngs=nnx.Rngs(0))
+    x = harness.normal(jax.random.key(1), (2, 13, 8))
+
+    def compare(m, x):
+        mu = m.centers[...][None]
+        op = ops.token_aggregation_attention(
+            *harness.projections(m, x),
+            ops.cosine_assign(x, m.centers[...]),
+            group=4,
+            center_k=m.key(mu),
+            center_v=m.value(mu),
+        )
+        return [(m(x), m.out(op))]
+
+    harness.check_module_is_op(m, (x,), compare, what="catanet")
+    before = m.centers[...]
+    m(x, update=True)
+    assert not np.allclose(m.centers[...], before)
+    # the centres are state, not parameters: an optimizer over nnx.Param leaves them alone
+    assert "centers" not in str(nnx.state(m, nnx.Param))

@@ -33,6 +33,8 @@ MODULES = {
     "gc_attn": lambda r: nn.GlobalWindowAttention(2, 8, window=3, rngs=r),
     "area": lambda r: nn.AreaAttention(2, 8, area=2, rngs=r),
     "vsa": lambda r: nn.VSAWindowAttention(2, 8, window=3, rngs=r),
+    "vwa": lambda r: nn.VaryingWindowAttention(2, 8, window=3, ratios=(1, 3), rngs=r),
+    "catanet": lambda r: nn.CATANetAttention(2, 8, num_centers=3, group=4, rngs=r),
     "davit_channel": lambda r: nn.DaViTBlock(2, 8, kind="channel", rngs=r),
     "davit_spatial": lambda r: nn.DaViTBlock(2, 8, kind="spatial", window=3, rngs=r),
     "crossvit": lambda r: nn.CrossViTFusion(8, 12, num_heads=2, rngs=r),
