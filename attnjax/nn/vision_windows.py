@@ -30,6 +30,7 @@ class HaloAttention(nnx.Module):
     .. math:: y = W_O\, \mathrm{halo}(x W_Q, x W_K, x W_V;\ r^{row}, r^{col})
 
     ``r^row, r^col`` are ``[2 (b + 2 halo) - 1, D]``, shared by the heads (timm's ``HaloAttn``).
+    ``stride=2`` (HaloNet's downsampling layers) average-pools the output ``2 x 2``.
 
     >>> import jax
     >>> from flax import nnx
@@ -48,6 +49,7 @@ class HaloAttention(nnx.Module):
         halo: int = 3,
         qkv_features: int | None = None,
         attend_padding: bool = False,
+        stride: int = 1,
         use_bias: bool = False,
         implementation=None,
         dtype=None,
@@ -57,6 +59,9 @@ class HaloAttention(nnx.Module):
         D = qkv // H
         self.block, self.halo, self.in_features = _checks.positive_int("block", block), halo, C
         self.attend_padding, self.implementation = attend_padding, implementation
+        if stride not in (1, 2):
+            raise ValueError(f"HaloAttention stride must be 1 or 2; got {stride}")
+        self.stride = stride
         self.query, self.key, self.value, self.out = head_projections(
             C, H, D, use_bias=use_bias, dtype=dtype, rngs=rngs
         )
@@ -64,7 +69,7 @@ class HaloAttention(nnx.Module):
         init = lambda: param(D**-0.5 * jax.random.normal(rngs.params(), (2 * n - 1, D)), None, "head_dim")
         self.rel_row, self.rel_col = init(), init()
 
-    def __call__(self, x: Float[Array, "B h w C"]) -> Float[Array, "B h w C"]:
+    def __call__(self, x: Float[Array, "B h w C"]) -> Float[Array, "B h' w' C"]:
         _check_map(x, self.in_features)
         out = ops.halo_attention(
             self.query(x),
@@ -77,7 +82,10 @@ class HaloAttention(nnx.Module):
             attend_padding=self.attend_padding,
             implementation=self.implementation,
         )
-        return self.out(out)
+        out = self.out(out)
+        if self.stride == 2:  # HaloNet's stride-2 layers: average-pool the output
+            out = nnx.avg_pool(out, (2, 2), strides=(2, 2))
+        return out
 
 
 class DynamicPosBias(nnx.Module):
