@@ -63,3 +63,32 @@ def test_vsa_errors():
         ops.sampled_window_attention(q, k, v, s[:, :1], o, window=3)
     with pytest.raises(ValueError, match="divide"):
         ops.sampled_window_attention(q, k, v, s, o, window=4)
+
+
+def test_zoo_annotations_are_consistent():
+    """Run-time jaxtyping check of the zoo part 1 ops' signatures (traced, never compiled)."""
+    from beartype import beartype
+    from jaxtyping import jaxtyped
+
+    def check(fn, *a, **kw):
+        checked = jaxtyped(typechecker=beartype)(fn)
+        return jax.eval_shape(lambda *a: checked(*a, **kw), *a)
+
+    x, z = jnp.ones((2, 6, 9, 2, 4)), jnp.zeros((2, 2, 3, 2, 2))
+    f = x.reshape(2, 54, 2, 4)
+    check(ops.bilinear_gather, jnp.ones((2, 5, 7, 3)), jnp.zeros((2, 4, 6, 2)))
+    check(
+        ops.deformable_attention,
+        jnp.ones((1, 26, 2, 4)),
+        shapes=[(4, 5), (2, 3)],
+        locations=jnp.zeros((1, 3, 2, 2, 2, 2)),
+        logits=jnp.zeros((1, 3, 2, 2, 2)),
+    )
+    check(ops.channel_attention, f[..., 0, :], f[..., 0, :], f[..., 0, :], groups=2)
+    check(ops.halo_attention, x, x, x, block=3, halo=1)
+    check(ops.window_cross_attention, x[:, :3, :3], x, x, window=3)
+    check(ops.area_attention, f, f, f, area=3)
+    check(ops.sampled_window_attention, x, x, x, z, z, window=3)
+    check(ops.varying_window_attention, x, x, x, window=3, ratio=3)
+    check(ops.token_aggregation_attention, f, f, f, jnp.zeros((2, 54), jnp.int32), group=5)
+    check(ops.attention_diversity_loss, jnp.ones((1, 2, 3, 4)))
