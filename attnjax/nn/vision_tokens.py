@@ -445,13 +445,13 @@ class BoxRPBCrossAttention(nnx.Module):
 
 
 __all__ = [
-    "CATANetAttention",
-    "TokenCenters",
     "BoxRPBCrossAttention",
+    "CATANetAttention",
     "ChannelGroupAttention",
     "CrossAttentionToken",
     "CrossViTFusion",
     "DaViTBlock",
     "TNTBlock",
+    "TokenCenters",
     "box_deltas",
 ]

@@ -82,7 +82,7 @@ def test_windowed_modules_are_their_ops():
         harness.check_module_is_op(
             cf,
             (MAP,),
-            lambda m, x: [
+            lambda m, x, op=op, kw=kw: [
                 (
                     m(x),
                     m.out(

@@ -222,7 +222,7 @@ class DeformableGate(nnx.Module):
 
     def __init__(self, features: int, *, alpha: float = 0.2, dtype=None, rngs: nnx.Rngs):
         C = self.features = _checks.positive_int("features", features)
-        r = max(int(round(alpha * C)), 1)
+        r = max(round(alpha * C), 1)
         self.dw = conv(C, C, 3, groups=C, dtype=dtype, rngs=rngs)
         self.pw = conv(C, r, 1, names=("embed", "mlp"), dtype=dtype, rngs=rngs)
         self.norm = make_norm("instance", r, name="mlp", dtype=dtype, rngs=rngs)
