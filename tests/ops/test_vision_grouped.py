@@ -52,12 +52,20 @@ def test_catanet_known_answers():
     got = ops.token_aggregation_attention(q, k, v, a, group=4)
     np.testing.assert_allclose(np.asarray(got[0])[perm], out, rtol=1e-5, atol=1e-6)
     # IRCA: every query sees the same M centre keys (the op adds one attention over them)
-    both = ops.token_aggregation_attention(q, k, v, a, group=4, center_k=ck, center_v=cv)
-    centres = ops.attention(q, jnp.broadcast_to(ck, (1, 4, 2, 5)), jnp.broadcast_to(cv, (1, 4, 2, 3)))
+    # (the dense reference paths below: cheap to run eagerly; xla == reference is tested above)
+    ref = "reference"
+    got = ops.token_aggregation_attention(q, k, v, a, group=4, implementation=ref)
+    both = ops.token_aggregation_attention(q, k, v, a, group=4, center_k=ck, center_v=cv, implementation=ref)
+    centres = ops.attention(
+        q, jnp.broadcast_to(ck, (1, 4, 2, 5)), jnp.broadcast_to(cv, (1, 4, 2, 3)), implementation=ref
+    )
     np.testing.assert_allclose(both - got, centres, rtol=1e-5, atol=1e-6)
     # one group covering everything is full attention
     np.testing.assert_allclose(
-        ops.token_aggregation_attention(q, k, v, a, group=12), ops.attention(q, k, v), rtol=1e-5, atol=1e-6
+        ops.token_aggregation_attention(q, k, v, a, group=12, implementation=ref),
+        ops.attention(q, k, v, implementation=ref),
+        rtol=1e-5,
+        atol=1e-6,
     )
     x = harness.normal(jax.random.key(9), (1, 6, 3))
     assert ops.cosine_assign(x, 2.0 * x[0, :2]).tolist()[0][:2] == [0, 1]
