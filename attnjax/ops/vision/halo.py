@@ -19,10 +19,10 @@ Keys outside the image (the zero padding of border windows) are masked by defaul
 only, a zero value).
 
 The efficient path unfolds the (overlapping) windows and batches them into
-:func:`attnjax.ops.attention` (``O(h w n^2 D)``), the relative logits going in as a per-window
-``bias`` (the size of the window logits); the reference is :func:`attnjax.ops.attention` over the
-whole zero-padded grid with the halo mask and the relative logits as a score mod
-(``O((h w)^2 D)``).
+:func:`attnjax.ops.attention` (``O(h w n^2 D)``), the relative logits going in as a score mod
+over per-window ``[2n - 1]`` tables per query (read per tile: no ``n^2``-per-query bias array);
+the reference is :func:`attnjax.ops.attention` over the whole zero-padded grid with the halo
+mask and the relative logits as a score mod (``O((h w)^2 D)``).
 
 Letter legend: B batch, (h, w) grid, H heads, K key/value heads, D head dim, E value dim.
 """
@@ -170,21 +170,24 @@ def halo_attention(
             nh, nw = h // b, w // b
             qb = q.reshape(B, nh, b, nw, b, H, D).transpose(0, 1, 3, 2, 4, 5, 6).reshape(-1, b * b, H, D)
             kw, vw = _windows(kp, b, halo), _windows(vp, b, halo)  # [B nh nw, n n, K, D|E]
-            bias = None
+            mod = None
             if rel:
-                # query (qy, qx) of a block, key (ky, kx) of its window: entry ky - qy + n - 1
-                qy, qx = np.divmod(np.arange(b * b), b)
-                ky, kx = np.divmod(np.arange(n * n), n)
-                iy, ix = ky[None] - qy[:, None] + n - 1, kx[None] - qx[:, None] + n - 1  # [b b, n n]
-
+                # the content-relative logits as a score mod over per-window tables [N, H, b b, 2n - 1]:
+                # query (qy, qx) of a block, key (ky, kx) of its window read entry ky - qy + n - 1
+                # (per tile on the blockwise path: no [N, H, b b, n n] bias array)
                 def per_window(t):
                     t = t.reshape(B, H, nh, b, nw, b, 2 * n - 1).transpose(0, 2, 4, 1, 3, 5, 6)
                     return t.reshape(-1, H, b * b, 2 * n - 1)
 
-                row, col = per_window(rel_logits(rel_row)), per_window(rel_logits(rel_col))
-                bias = jnp.take_along_axis(
-                    row, jnp.broadcast_to(iy, row.shape[:2] + iy.shape), -1
-                ) + jnp.take_along_axis(col, jnp.broadcast_to(ix, col.shape[:2] + ix.shape), -1)
+                def fn(tables, score, b_, h_, q_idx, kv_idx):
+                    row, col = tables
+                    iy = kv_idx // n - q_idx // b + n - 1
+                    ix = kv_idx % n - q_idx % b + n - 1
+                    return score + row[b_, h_, q_idx, iy] + col[b_, h_, q_idx, ix]
+
+                mod = score_mods.from_fn(
+                    fn, (per_window(rel_logits(rel_row)), per_window(rel_logits(rel_col)))
+                )
             mask = None
             if not attend_padding and halo:
                 inside = np.zeros((hp, wp), bool)
@@ -195,7 +198,7 @@ def halo_attention(
                         jnp.tile(valid, (B, 1))[:, None, None, :], (B * nh * nw, 1, b * b, n * n)
                     )
                 )
-            out = attention(qb, kw, vw, mask=mask, bias=bias, scale=scale, implementation=impl)
+            out = attention(qb, kw, vw, mask=mask, score_mod=mod, scale=scale, implementation=impl)
             E = out.shape[-1]
             return out.reshape(B, nh, nw, b, b, H, E).transpose(0, 1, 3, 2, 4, 5, 6).reshape(B, h, w, H, E)
 
