@@ -37,34 +37,8 @@ from attnjax import _checks, masks, score_mods
 from attnjax.core import dispatch
 from attnjax.core.dispatch import Implementation
 from attnjax.core.utils import default_scale
+from attnjax.masks.grid import halo_mask
 from attnjax.ops.attention.api import attention
-
-
-def halo_mask(
-    block: int, halo: int, grid: tuple[int, int], *, padded: bool = True, attend_padding: bool = False
-) -> masks.Mask:
-    """The halo mask over a flattened grid (queries: the ``h x w`` grid; keys: the grid padded by
-    ``halo`` on every side when ``padded``): query ``(y, x)`` sees key ``(y', x')`` iff
-    ``(y // b) b - halo <= y' < (y // b + 1) b + halo`` and the same in ``x``; without
-    ``attend_padding``, only keys inside the image."""
-    h, w = grid
-    pad = halo if padded else 0
-    wp = w + 2 * pad
-
-    def allowed(b_, h_, q_idx, kv_idx):
-        qy, qx = q_idx // w, q_idx % w
-        ky, kx = kv_idx // wp - pad, kv_idx % wp - pad
-        ok = (
-            (ky >= (qy // block) * block - halo)
-            & (ky < (qy // block + 1) * block + halo)
-            & (kx >= (qx // block) * block - halo)
-            & (kx < (qx // block + 1) * block + halo)
-        )
-        if not attend_padding:
-            ok = ok & (ky >= 0) & (ky < h) & (kx >= 0) & (kx < w)
-        return ok
-
-    return masks.from_fn(allowed)
 
 
 def _windows(x: Array, block: int, halo: int) -> Array:
