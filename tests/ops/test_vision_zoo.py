@@ -85,6 +85,14 @@ def test_bilinear_gather_coordinate_gradient_is_the_slope():
     np.testing.assert_allclose(g[0, 0], [1.0, 4.0], rtol=1e-6)
 
 
+def test_bilinear_gather_forward_mode_falls_back_to_the_reference():
+    x = harness.normal(jax.random.key(1), (1, 3, 4, 2))
+    c = jnp.array([[[0.3, -0.2], [0.7, 0.1]]])
+    f = lambda c: ops.bilinear_gather(x, c)
+    _, tangent = jax.jvp(f, (c,), (jnp.ones_like(c),))
+    np.testing.assert_allclose(tangent, jax.jacrev(f)(c).sum((-1, -2, -3)), rtol=1e-5, atol=1e-6)
+
+
 def test_bilinear_gather_errors():
     x = jnp.zeros((2, 3, 4, 5))
     with pytest.raises(ValueError, match="coords"):

@@ -163,6 +163,8 @@ def bilinear_gather(
         return out.reshape(B, *points, C).astype(x.dtype)
 
     def gathered():
+        if dispatch.autodiff(x, coords).forward:  # a custom VJP has no forward-mode rule
+            raise NotImplementedError("bilinear_gather's gather path serves reverse-mode autodiff only")
         return _gather(x, fx, fy).reshape(B, *points, C).astype(x.dtype)
 
     return dispatch.run("bilinear_gather", {"reference": reference, "xla": gathered}, implementation)
