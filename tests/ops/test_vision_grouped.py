@@ -26,7 +26,7 @@ def tokens(B=2, N=23, H=2, K=1, D=5, E=3, M=4, seed=0):
     return q, k, v, a, harness.normal(ks[4], (1, M, K, D)), harness.normal(ks[5], (1, M, K, E))
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", [F32, pytest.param(BF16, marks=pytest.mark.slow)], ids=["f32", "bf16"])
 def test_catanet_groups_match_masked_reference(dtype):
     q, k, v, a, ck, cv = tokens()
     op = lambda impl: (
@@ -86,7 +86,7 @@ def grid(B=2, h=6, w=9, H=2, K=1, D=5, E=3, seed=0):
 
 @pytest.mark.parametrize(
     "dtype, ratio, padding",
-    [(F32, 3, "replicate"), (F32, 5, "zeros"), (BF16, 3, "replicate")],
+    [(F32, 3, "replicate"), (F32, 5, "zeros"), pytest.param(BF16, 3, "replicate", marks=pytest.mark.slow)],
     ids=["f32-r3-replicate", "f32-r5-zeros", "bf16-r3-replicate"],
 )
 def test_vwa_box_filter_matches_unfolded_reference(dtype, ratio, padding):

@@ -13,7 +13,10 @@ from attnjax import ops, score_mods
 from tests import harness
 
 F32, BF16 = jnp.float32, jnp.bfloat16
-DTYPES = pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+# bf16 of each path runs in the slow tier
+DTYPES = pytest.mark.parametrize(
+    "dtype", [F32, pytest.param(BF16, marks=pytest.mark.slow)], ids=["f32", "bf16"]
+)
 
 
 def keys(n, seed=0):

@@ -32,7 +32,9 @@ def op(impl):
     )
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+    "dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)], ids=["f32", "bf16"]
+)
 def test_vsa_gather_matches_dense_reference(dtype):
     harness.check_vjp(op("xla"), op("reference"), inputs(), dtype)
 

@@ -30,7 +30,7 @@ def grid_qkv(B=2, h=6, w=9, H=2, K=2, D=5, E=3, seed=0):
 
 @pytest.mark.parametrize(
     "dtype, attend_padding",
-    [(F32, False), (F32, True), (BF16, False)],
+    [(F32, False), (F32, True), pytest.param(BF16, False, marks=pytest.mark.slow)],
     ids=["f32-masked", "f32-timm", "bf16-masked"],
 )
 def test_halo_windows_equal_dense_reference(dtype, attend_padding):
@@ -87,7 +87,9 @@ def test_halo_errors():
 
 
 @pytest.mark.parametrize(
-    "op, dtype", [("block", F32), ("grid", F32), ("block", BF16)], ids=["sda-f32", "lda-f32", "sda-bf16"]
+    "op, dtype",
+    [("block", F32), ("grid", F32), pytest.param("block", BF16, marks=pytest.mark.slow)],
+    ids=["sda-f32", "lda-f32", "sda-bf16"],
 )
 def test_multi_axis_relative_bias_matches_reference(op, dtype):
     q, k, v = grid_qkv()
@@ -128,7 +130,7 @@ def test_window_cross_attention_matches_reference_and_local_attention():
 # -- 1.2 area attention ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", [F32, pytest.param(BF16, marks=pytest.mark.slow)], ids=["f32", "bf16"])
 def test_area_attention_matches_chunked_reference(dtype):
     q, k, v = (x.reshape(2, 54, *x.shape[3:]) for x in grid_qkv(K=1))
     f = lambda impl: lambda q, k, v: ops.area_attention(q, k, v, area=3, implementation=impl)
