@@ -139,7 +139,7 @@ def test_danet_known_answers():
     np.testing.assert_allclose(cam(X), X)
     pam.gamma.set_value(jnp.ones(1))
     cam.beta.set_value(jnp.ones(1))
-    flat = X.reshape(2, 35, 8).astype(jnp.float64)
+    flat = np.asarray(X, np.float64).reshape(2, 35, 8)
     b, c, d = (np.asarray(f(X)).reshape(2, 35, -1) for f in (pam.query, pam.key, pam.value))
     s = jax.nn.softmax(np.einsum("bic,bjc->bij", b, c), -1)
     np.testing.assert_allclose(
