@@ -353,3 +353,101 @@ def key_set_bias(selected, gamma) -> ScoreMod:
     selected = jnp.asarray(selected)
     _checks.check_rank("selected", selected, ("batch", "kv_len"))
     return KeySetBias(selected.astype(bool).astype(jnp.float32), jnp.log(jnp.asarray(gamma, jnp.float32)))
+
+
+# -- 2-D relative position biases (zoo part 1: CrossFormer DPB, GC ViT, VSA, BoxRPB) -----------
+
+
+@pytree_dataclass(data=("table",), meta=("grid",))
+class RelativeBias2D(ScoreMod):
+    table: Array  # [H, 2a - 1, 2b - 1]: entry (a - 1 + dy, b - 1 + dx) is the bias at offset (dy, dx)
+    grid: tuple[int, int]
+
+    def __call__(self, q_len, kv_len, score, b, h, q_idx, kv_idx):
+        a, w = self.grid
+        dy = kv_idx // w - q_idx // w + a - 1
+        dx = kv_idx % w - q_idx % w + w - 1
+        return score + self.table.astype(jnp.float32)[h, dy, dx]
+
+    def check(self, heads):
+        a, w = self.grid
+        if jnp.shape(self.table) != (heads, 2 * a - 1, 2 * w - 1):
+            raise ValueError(f"relative_bias_2d table must have shape [heads={heads}, 2a-1={2 * a - 1}, "
+                             f"2b-1={2 * w - 1}] for grid {self.grid}; got {jnp.shape(self.table)}")
+
+
+@pytree_dataclass(data=("row", "col"), meta=("width",))
+class SeparableBias(ScoreMod):
+    row: Array  # [B | 1, T | 1, R, H]: bias of key row kv // width
+    col: Array  # [B | 1, T | 1, width, H]: bias of key column kv % width
+    width: int
+
+    def __call__(self, q_len, kv_len, score, b, h, q_idx, kv_idx):
+        pick = lambda t, i: i if t.shape[0] > 1 else 0
+        row, col = self.row.astype(jnp.float32), self.col.astype(jnp.float32)
+        r = row[pick(row, b), q_idx if row.shape[1] > 1 else 0, kv_idx // self.width, h]
+        c = col[pick(col, b), q_idx if col.shape[1] > 1 else 0, kv_idx % self.width, h]
+        return score + r + c
+
+    def check(self, heads):
+        for name, t in (("row", self.row), ("col", self.col)):
+            if jnp.ndim(t) != 4 or jnp.shape(t)[-1] != heads:
+                raise ValueError(f"separable_bias {name} must have shape [B or 1, T or 1, n, heads={heads}]; "
+                                 f"got {jnp.shape(t)}")
+        if jnp.shape(self.col)[2] != self.width:
+            raise ValueError(f"separable_bias col has {jnp.shape(self.col)[2]} columns; width is {self.width}")
+
+
+def relative_bias_2d(table: Float[Array, "H A B"], grid: int | tuple[int, int]) -> ScoreMod:
+    """Swin-style 2-D relative position bias over a ``grid = (a, b)`` of tokens (row-major):
+    ``score + table[h, a - 1 + dy, b - 1 + dx]`` with ``(dy, dx)`` the key's offset from the query
+    on the grid (raw indices: the tokens of a window, not bottom-right aligned).
+
+    ``table`` is ``[H, 2a - 1, 2b - 1]``; it is a differentiable leaf, so it may be produced by a
+    network on every call (CrossFormer's dynamic position bias) and receive gradients.
+
+    >>> import jax.numpy as jnp
+    >>> from attnjax import score_mods
+    >>> table = jnp.arange(9.0).reshape(1, 3, 3)   # grid 2 x 2: offsets in {-1, 0, 1}^2
+    >>> mod = score_mods.relative_bias_2d(table, 2)
+    >>> i = jnp.arange(4)
+    >>> mod(4, 4, jnp.zeros((1, 1, 4, 4)), 0, 0, i[:, None], i[None])[0, 0, 0]   # query (0, 0)
+    Array([4., 5., 7., 8.], dtype=float32)
+    """
+    grid = (grid, grid) if isinstance(grid, int) else tuple(grid)
+    if len(grid) != 2:
+        raise ValueError(f"relative_bias_2d grid must be an int or a pair; got {grid}")
+    a, w = (_checks.positive_int("relative_bias_2d grid", g) for g in grid)
+    table = jnp.asarray(table)
+    _checks.check_float("relative_bias_2d table", table)
+    if table.ndim != 3 or table.shape[1:] != (2 * a - 1, 2 * w - 1):
+        raise ValueError(f"relative_bias_2d table must have shape [H, {2 * a - 1}, {2 * w - 1}] for grid {(a, w)}; "
+                         f"got {table.shape}")
+    return RelativeBias2D(table, (a, w))
+
+
+def separable_bias(row: Float[Array, "B T R H"], col: Float[Array, "B T W H"], width: int) -> ScoreMod:
+    """A per-query bias that factorizes over the key's row and column on a ``[R, width]`` grid:
+    ``score[b, h, i, j] + row[b, i, j // width, h] + col[b, i, j % width, h]``.
+
+    ``row`` is ``[B or 1, T or 1, R, H]``, ``col`` ``[B or 1, T or 1, width, H]`` (differentiable
+    leaves): ``O(T (R + width) H)`` numbers instead of a ``[T, R width]`` bias (BoxRPB's box-to-pixel
+    bias, HaloNet-style factorized relative logits).
+
+    >>> import jax.numpy as jnp
+    >>> from attnjax import score_mods
+    >>> row = jnp.array([0.0, 10.0]).reshape(1, 1, 2, 1)
+    >>> col = jnp.array([1.0, 2.0, 3.0]).reshape(1, 1, 3, 1)
+    >>> mod = score_mods.separable_bias(row, col, width=3)
+    >>> mod(1, 6, jnp.zeros((1, 1, 1, 6)), 0, 0, jnp.zeros((1, 1), int), jnp.arange(6)[None])[0, 0, 0]
+    Array([ 1.,  2.,  3., 11., 12., 13.], dtype=float32)
+    """
+    width = _checks.positive_int("separable_bias width", width)
+    row, col = jnp.asarray(row), jnp.asarray(col)
+    for name, t in (("row", row), ("col", col)):
+        _checks.check_float(f"separable_bias {name}", t)
+        if t.ndim != 4:
+            raise ValueError(f"separable_bias {name} must have shape [B or 1, T or 1, n, heads]; got {t.shape}")
+    if col.shape[2] != width:
+        raise ValueError(f"separable_bias col has {col.shape[2]} columns; width is {width}")
+    return SeparableBias(row, col, width)

@@ -21,7 +21,7 @@ no mask evaluation) or ``PARTIAL``, from the mask's formula applied to each tile
 Modules: :mod:`~attnjax.masks.base` (the :class:`Mask` contract, the algebra, ``from_fn``),
 :mod:`~attnjax.masks.positional`, :mod:`~attnjax.masks.document`,
 :mod:`~attnjax.masks.neighborhood`, :mod:`~attnjax.masks.moa`, :mod:`~attnjax.masks.grid`
-(MaxViT), :mod:`~attnjax.masks.dense`.
+(MaxViT, HaloNet), :mod:`~attnjax.masks.dense`.
 
 >>> from attnjax import masks
 >>> m = masks.causal() & masks.sliding_window(2)
@@ -42,7 +42,7 @@ from attnjax.masks.base import (
 )
 from attnjax.masks.dense import Dense, dense
 from attnjax.masks.document import Document, document
-from attnjax.masks.grid import block_mask, grid_mask
+from attnjax.masks.grid import block_mask, grid_mask, halo_mask
 from attnjax.masks.moa import MoA, moa
 from attnjax.masks.neighborhood import Neighborhood, TiledNeighborhood, axis_windows, neighborhood
 from attnjax.masks.positional import (
@@ -54,7 +54,7 @@ __all__ = [
     "collapse", "evaluate_bounds", "grid_indices",
     "Causal", "SlidingWindow", "Chunked", "KeyPrefix", "QueryPrefix", "causal", "sliding_window", "chunked",
     "prefix_lm", "padding",
-    "Document", "document", "MoA", "moa", "Dense", "dense", "block_mask", "grid_mask",
+    "Document", "document", "MoA", "moa", "Dense", "dense", "block_mask", "grid_mask", "halo_mask",
     "Neighborhood", "TiledNeighborhood", "axis_windows", "neighborhood",
 ]
 

@@ -53,3 +53,37 @@ def grid_mask(spatial: tuple[int, int], grid: int | tuple[int, int]) -> Mask:
     sh, sw = h // gh, w // gw
     same = lambda a, b: ((a // w) % sh == (b // w) % sh) & ((a % w) % sw == (b % w) % sw)
     return from_fn(lambda b, hd, q_idx, kv_idx: same(q_idx, kv_idx))
+
+
+def halo_mask(
+    block: int, halo: int, grid: tuple[int, int], *, padded: bool = True, attend_padding: bool = False
+) -> Mask:
+    """HaloNet's mask over a flattened grid (queries: the ``h x w`` grid; keys: the grid padded by
+    ``halo`` on every side when ``padded``): query ``(y, x)`` sees key ``(y', x')`` iff
+    ``(y // b) b - halo <= y' < (y // b + 1) b + halo`` and the same in ``x``; without
+    ``attend_padding``, only keys inside the image (:func:`attnjax.ops.halo_attention`'s reference).
+
+    >>> halo_mask(2, 1, (4, 4), padded=False).materialize(16, 16)[0, 0, 0].reshape(4, 4).astype(int)
+    Array([[1, 1, 1, 0],
+           [1, 1, 1, 0],
+           [1, 1, 1, 0],
+           [0, 0, 0, 0]], dtype=int32)
+    """
+    h, w = grid
+    pad = halo if padded else 0
+    wp = w + 2 * pad
+
+    def allowed(b_, h_, q_idx, kv_idx):
+        qy, qx = q_idx // w, q_idx % w
+        ky, kx = kv_idx // wp - pad, kv_idx % wp - pad
+        ok = (
+            (ky >= (qy // block) * block - halo)
+            & (ky < (qy // block + 1) * block + halo)
+            & (kx >= (qx // block) * block - halo)
+            & (kx < (qx // block + 1) * block + halo)
+        )
+        if not attend_padding:
+            ok = ok & (ky >= 0) & (ky < h) & (kx >= 0) & (kx < w)
+        return ok
+
+    return from_fn(allowed)

@@ -53,3 +53,39 @@ __all__ += ["SkimAttention", "skim_mask"]
 from attnjax.nn.shrp import HeadUsage, SHRPAttention
 
 __all__ += ["HeadUsage", "SHRPAttention"]
+
+
+# -- zoo part 1 (vision structure) ----------------------------------------------------------------
+from attnjax.nn.deformable import MSDeformableAttention
+from attnjax.nn.vision_windows import (
+    AreaAttention,
+    CrossFormerAttention,
+    CrossFormerBlock,
+    DynamicPosBias,
+    GCViTGlobalQuery,
+    GlobalWindowAttention,
+    HaloAttention,
+    VSAWindowAttention,
+    VaryingWindowAttention,
+)
+
+__all__ += [
+    "MSDeformableAttention", "AreaAttention", "CrossFormerAttention", "CrossFormerBlock", "DynamicPosBias",
+    "GCViTGlobalQuery", "GlobalWindowAttention", "HaloAttention", "VSAWindowAttention",
+    "VaryingWindowAttention",
+]
+from attnjax.nn.vision_tokens import (
+    BoxRPBCrossAttention,
+    CATANetAttention,
+    ChannelGroupAttention,
+    CrossAttentionToken,
+    CrossViTFusion,
+    DaViTBlock,
+    TNTBlock,
+)
+
+__all__ += ["BoxRPBCrossAttention", "CATANetAttention", "ChannelGroupAttention", "CrossAttentionToken", "CrossViTFusion", "DaViTBlock",
+            "TNTBlock"]
+from attnjax.nn import cnn
+
+__all__ += ["cnn"]

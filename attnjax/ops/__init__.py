@@ -94,3 +94,34 @@ __all__ += ["mvpa_attention"]
 from attnjax.ops.scored.afa import adaptive_filter_attention
 
 __all__ += ["adaptive_filter_attention"]
+
+
+# -- zoo part 1 (vision structure): sampling and deformable attention ---------------------------
+from attnjax.ops.vision.sampling import bilinear_gather
+from attnjax.ops.vision.deformable import deformable_attention
+
+__all__ += ["bilinear_gather", "deformable_attention"]
+from attnjax.ops.vision.channel import channel_attention
+
+__all__ += ["channel_attention"]
+from attnjax.ops.vision.halo import halo_attention, halo_mask
+
+__all__ += ["halo_attention", "halo_mask"]
+from attnjax.ops.vision.gcvit import window_cross_attention
+
+__all__ += ["window_cross_attention"]
+from attnjax.ops.vision.area import area_attention
+
+__all__ += ["area_attention"]
+from attnjax.ops.vision.adl import attention_diversity_loss
+
+__all__ += ["attention_diversity_loss"]
+from attnjax.ops.vision.vsa import sampled_window_attention
+
+__all__ += ["sampled_window_attention"]
+from attnjax.ops.vision.catanet import cosine_assign, token_aggregation_attention
+
+__all__ += ["cosine_assign", "token_aggregation_attention"]
+from attnjax.ops.vision.vwa import varying_window_attention
+
+__all__ += ["varying_window_attention"]

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 from jaxtyping import Array, Float
 
-from attnjax import _checks
+from attnjax import _checks, score_mods
+from attnjax.score_mods import ScoreMod, as_score_mod
 from attnjax.masks.grid import block_mask, grid_mask, pair
 from attnjax.core import dispatch
 from attnjax.ops.attention.api import attention
@@ -63,7 +64,15 @@ def _from_grid(x: Array, B: int, h: int, w: int, gh: int, gw: int) -> Array:
     return x.reshape(B, h, w, H, E)
 
 
-def _multi_axis(name, q, k, v, size, mask_fn, to, back, scale, implementation):
+def _local_index(name, h, w, a, b):
+    """Flat grid index -> the token's index inside its group (row-major over the group's
+    ``a x b`` tokens), as the grouped path numbers them."""
+    if name == "block_attention":
+        return lambda i: (i // w % a) * b + i % w % b
+    return lambda i: (i // w // (h // a)) * b + i % w // (w // b)
+
+
+def _multi_axis(name, q, k, v, size, mask_fn, to, back, scale, implementation, score_mod=None):
     B, h, w, H, D = _checks.check_rank("q", q, ("batch", "height", "width", "heads", "head_dim"))
     for n, x in (("k", k), ("v", v)):
         shape = _checks.check_rank(n, x, ("batch", "height", "width", "kv_heads", "head_dim"))
@@ -73,13 +82,23 @@ def _multi_axis(name, q, k, v, size, mask_fn, to, back, scale, implementation):
     mask = mask_fn((h, w), (a, b))  # validates divisibility
     flat = lambda x: x.reshape(B, h * w, *x.shape[3:])
 
+    mod = as_score_mod(score_mod)
+    if mod is not None:
+        mod.check(q.shape[3])
+    local = _local_index(name, h, w, a, b)
+    # the reference sees flat grid indices: renumber them as the grouped path does, so a score mod
+    # written for one group (a 2-D relative bias) means the same on both paths
+    ref_mod = None if mod is None else score_mods.from_fn(
+        lambda m, s, b_, h_, qi, ki: m(a * b, a * b, s, b_, h_, local(qi), local(ki)), mod)
+
     def reference():
-        out = attention(flat(q), flat(k), flat(v), mask=mask, scale=scale, implementation="reference")
+        out = attention(flat(q), flat(k), flat(v), mask=mask, score_mod=ref_mod, scale=scale,
+                        implementation="reference")
         return out.reshape(B, h, w, *out.shape[2:])
 
     def grouped(impl):
         def run():
-            out = attention(to(q, a, b), to(k, a, b), to(v, a, b), scale=scale, implementation=impl)
+            out = attention(to(q, a, b), to(k, a, b), to(v, a, b), score_mod=mod, scale=scale, implementation=impl)
             return back(out, B, h, w, a, b)
         return run
 
@@ -93,6 +112,7 @@ def block_attention(
     v: Float[Array, "B h w K E"],
     *,
     window: int | tuple[int, int],
+    score_mod: ScoreMod | None = None,
     scale: float | None = None,
     implementation: Implementation = None,
 ) -> Float[Array, "B h w H E"]:
@@ -102,6 +122,9 @@ def block_attention(
     ``implementation``: ``"reference"`` (dense over the flattened grid with :func:`block_mask`),
     ``"xla"`` / ``"pallas"`` (windows as a batch, through :func:`attnjax.ops.attention`), ``None``
     or a sequence. Arguments otherwise as :func:`attnjax.ops.attention` (GQA allowed).
+    ``score_mod`` sees each window's own token indices (row-major in the window, ``q_len =
+    kv_len = p_h p_w``) on every path, e.g. :func:`attnjax.score_mods.relative_bias_2d` with
+    ``grid=window`` (Swin / CrossFormer); the same holds for :func:`grid_attention`'s groups.
 
     >>> import jax, jax.numpy as jnp
     >>> from attnjax import ops
@@ -112,7 +135,7 @@ def block_attention(
     ((1, 8, 12, 2, 4), True)
     """
     return _multi_axis("block_attention", q, k, v, window, block_mask, _to_blocks, _from_blocks, scale,
-                       implementation)
+                       implementation, score_mod)
 
 
 def grid_attention(
@@ -121,6 +144,7 @@ def grid_attention(
     v: Float[Array, "B h w K E"],
     *,
     grid: int | tuple[int, int],
+    score_mod: ScoreMod | None = None,
     scale: float | None = None,
     implementation: Implementation = None,
 ) -> Float[Array, "B h w H E"]:
@@ -138,4 +162,5 @@ def grid_attention(
     >>> out.shape, bool(jnp.allclose(out, ref, atol=1e-5))
     ((1, 8, 12, 2, 4), True)
     """
-    return _multi_axis("grid_attention", q, k, v, grid, grid_mask, _to_grid, _from_grid, scale, implementation)
+    return _multi_axis("grid_attention", q, k, v, grid, grid_mask, _to_grid, _from_grid, scale, implementation,
+                       score_mod)
