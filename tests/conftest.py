@@ -35,6 +35,15 @@ SLOW = (
     # doctests whose examples compile a whole routed / sharded pipeline
     "attnjax/ops/sparse/", "attnjax/nn/routing.py::", "attnjax/parallel/api.py::",
 )
+# The variant zoo (ZOO_SPECS: dozens of composite variants, each with its own test file): the full
+# suite runs it; while working on a variant, run its file (`pytest tests/ops/test_scored.py`).
+ZOO = (
+    "tests/ops/test_vision_", "tests/nn/test_vision_", "tests/nn/test_cnn.py", "tests/ops/test_longctx",
+    "tests/ops/test_scored", "tests/ops/test_kernelized.py", "tests/ops/test_heads.py", "tests/nn/test_zoo",
+    "attnjax/ops/kernelized/", "attnjax/ops/scored/", "attnjax/ops/heads/", "attnjax/ops/gathered/",
+    "attnjax/nn/cnn/", "attnjax/nn/vision_", "attnjax/nn/deformable.py", "attnjax/nn/scored.py",
+    "attnjax/nn/heads.py", "attnjax/nn/pooling.py", "attnjax/nn/skim.py", "attnjax/nn/shrp.py",
+)
 FAST_EXPERIMENTS = ("test_bad_configs",)  # config checks; the training runs are slow
 # A parametrized check of an op or module compiles a program per case: the fast tier keeps the first
 # FAST_CASES cases of each (parameter lists put their most telling cases first) and the full suite
@@ -53,5 +62,6 @@ def pytest_collection_modifyitems(config, items):
             cases[function] = cases.get(function, 0) + 1
         later_case = cases.get(function, 0) > FAST_CASES
         # Real accelerator compiles (marker compile, CI's second step) are never in the fast tier.
-        if training or later_case or item.get_closest_marker("compile") or any(p in nodeid for p in SLOW):
+        zoo = nodeid.startswith(ZOO)
+        if training or later_case or zoo or item.get_closest_marker("compile") or any(p in nodeid for p in SLOW):
             item.add_marker(pytest.mark.slow)
