@@ -186,7 +186,7 @@ def standardize(gain: float | Array = 1.0, shift: float | Array = 0.0) -> Normal
 
     >>> import jax.numpy as jnp
     >>> w = standardize().dense(3, jnp.array([[1.0, 2.0, 3.0]]), jnp.ones((1, 3), bool))
-    >>> [round(x, 4) for x in w[0].tolist()]
-    [-1.2247, 0.0, 1.2247]
+    >>> print(*(f"{x:.4f}" for x in w[0].tolist()))
+    -1.2247 0.0000 1.2247
     """
     return Standardize(jnp.asarray(gain, jnp.float32), jnp.asarray(shift, jnp.float32))

@@ -96,7 +96,8 @@ def weight_stats(weights: Float[Array, "B H T S"], config: StatsConfig | None = 
     >>> import jax.numpy as jnp
     >>> w = jnp.eye(3)[None, None]  # each token attends to itself
     >>> st = weight_stats(w, q_offset=0)
-    >>> st["offsets"][0, 0, :, 0].tolist(), st["entropy"].max().item()
+    >>> offsets, entropy = st["offsets"], st["entropy"]
+    >>> offsets[0, 0, :, 0].tolist(), entropy.max().item()
     ([1.0, 1.0, 1.0], 0.0)
     """
     cfg = config or StatsConfig(**kwargs)
