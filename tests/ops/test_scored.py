@@ -59,7 +59,7 @@ def test_separate_key_and_value_heads_in_the_kernel():
 
 def test_separate_head_counts_validation():
     q, k = _x(0, 1, 5, 6, 4), _x(1, 1, 5, 2, 4)
-    with pytest.raises(ValueError, match="v has 4 heads"):
+    with pytest.raises(ValueError, match="value has 4 heads"):
         ops.attention(q, k, _x(2, 1, 5, 4, 4))
     with pytest.raises(ValueError, match=r"agree in \[batch, kv_len\]"):
         ops.attention(q, k, _x(2, 1, 6, 3, 4))
