@@ -36,3 +36,11 @@ __all__ = [
     "MegaLayer", "MultiAxisAttention", "MaxViTBlock", "MultiTokenAttention", "SelectiveAttention",
     "LinearGlobalAttention", "LocalConcentration", "L2ViTBlock", "L2ViTBlockPair",
 ]
+
+# Zoo part 4 (issue 23): set and graph modules.
+from attnjax.nn.set_transformer import ISAB, MAB, PMA, SAB
+
+__all__ += ["MAB", "SAB", "ISAB", "PMA"]
+from attnjax.nn.graph import GraphAttention
+
+__all__ += ["GraphAttention"]

@@ -63,3 +63,11 @@ from attnjax.ops.sparse.loki import loki_attention, loki_indices, loki_pca
 
 __all__ += ["cca_attention", "cca_core_tokens", "dma_attention", "dma_delta", "head_stride_mask", "hepos_attention",
             "loki_attention", "loki_indices", "loki_pca"]
+
+# Zoo part 4 (issue 23): set, classic and cross-modal attention.
+from attnjax.ops.classic.additive import additive_attention, context_pooling
+from attnjax.ops.classic.gat import gat_attention, gat_edge_list, gatv2_attention
+from attnjax.ops.classic.set_transformer import mab_attention
+
+__all__ += ["additive_attention", "context_pooling", "gat_attention", "gat_edge_list", "gatv2_attention",
+            "mab_attention"]
