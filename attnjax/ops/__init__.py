@@ -71,3 +71,8 @@ from attnjax.ops.classic.set_transformer import mab_attention
 
 __all__ += ["additive_attention", "context_pooling", "gat_attention", "gat_edge_list", "gatv2_attention",
             "mab_attention"]
+from attnjax.ops.classic.bidaf import bidaf_attention, bidaf_similarity
+from attnjax.ops.classic.reversed import reversed_attention
+from attnjax.ops.classic.sentinel import sentinel_attention
+
+__all__ += ["bidaf_attention", "bidaf_similarity", "reversed_attention", "sentinel_attention"]

@@ -153,3 +153,70 @@ def test_mab_xla_matches_reference_and_scales_by_full_width(dtype):
 def test_mab_bad_shapes():
     with pytest.raises(ValueError, match="head dim"):
         ops.mab_attention(jnp.zeros((1, 2, 2, 4)), jnp.zeros((1, 3, 2, 4)), jnp.zeros((1, 3, 2, 5)))
+
+
+# -- BiDAF --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_bidaf_xla_matches_step_by_step(dtype):
+    k = _keys(3, 7)
+    h, u, w = normal(k[0], (2, 13, 5)), normal(k[1], (2, 7, 5)), normal(k[2], (15,))
+    lens = dict(context_lengths=jnp.array([13, 9]), query_lengths=jnp.array([7, 4]))
+    run = lambda impl: lambda h, u, w: ops.bidaf_attention(h, u, w, chunk=3, implementation=impl, **lens)
+    check_vjp(run("xla"), run("reference"), (h, u, w), dtype, what="bidaf")
+
+
+def test_bidaf_one_query_word_by_hand():
+    # J = 1: C2Q copies u_1; Q2C weights softmax_t(S_t1) with S_t1 = w.[h_t; u; h_t u]
+    h, u = normal(_keys(1, 8)[0], (1, 4, 3)), jnp.array([[[1.0, -2.0, 0.5]]])
+    w = jnp.arange(9.0) / 10
+    g = ops.bidaf_attention(h, u, w, implementation="xla")[0]
+    s = h[0] @ w[:3] + u[0, 0] @ w[3:6] + (h[0] * w[6:]) @ u[0, 0]
+    h_tilde = jax.nn.softmax(s) @ h[0]
+    want = jnp.concatenate([h[0], jnp.tile(u[0], (4, 1)), h[0] * u[0], h[0] * h_tilde], -1)
+    assert_close(g, want, 2e-5, "BiDAF by hand")
+    with pytest.raises(ValueError, match="w must have shape"):
+        ops.bidaf_attention(h, u, jnp.zeros(8))
+
+
+# -- reversed attention -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_reversed_xla_matches_dense(dtype):
+    k = _keys(4, 9)
+    q, kk, v = normal(k[0], (2, 11, 2, 4)), normal(k[1], (2, 11, 2, 4)), normal(k[2], (2, 11, 2, 3))
+    m = jax.nn.sigmoid(normal(k[3], (2, 11, 2)))
+    run = lambda impl: lambda q, k, v, m: ops.reversed_attention(q, k, v, m, implementation=impl)
+    check_vjp(run("xla"), run("reference"), (q, kk, v, m), dtype, what="reversed")
+
+
+def test_reversed_children_send_m():
+    # one-hot values per child: parent outputs summed over parents = each child's sent mass m_i
+    N = 6
+    q, kk = normal(_keys(2, 10)[0], (1, N, 1, 4)), normal(_keys(2, 10)[1], (1, N, 1, 4))
+    m = jnp.linspace(0.1, 0.9, N).reshape(1, N, 1)
+    out = ops.reversed_attention(q, kk, jnp.eye(N).reshape(1, N, 1, N), m, implementation="xla")
+    assert_close(out[0, :, 0].sum(0), m[0, :, 0], 2e-5, "outgoing mass")
+
+
+# -- adaptive attention with a visual sentinel --------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_sentinel_equals_appended_token(dtype):
+    B, T, S, H, P, E = 2, 5, 9, 2, 4, 3
+    k = _keys(6, 11)
+    qf, kf, v = normal(k[0], (B, T, H, P)), normal(k[1], (B, S, H, P)), normal(k[2], (B, S, H, E))
+    sf, s, w = normal(k[3], (B, T, H, P)), normal(k[4], (B, T, H, E)), normal(k[5], (H, P))
+    fast = lambda *a: ops.sentinel_attention(*a, implementation="xla", block_sizes=BS)
+
+    def appended(qf, kf, v, sf, s, w):  # one softmax over [regions; sentinel_t], per query
+        z = jnp.einsum("btshp,hp->bths", jnp.tanh(qf[:, :, None] + kf[:, None]), w)
+        zs = jnp.einsum("bthp,hp->bth", jnp.tanh(qf + sf), w)
+        a = jax.nn.softmax(jnp.concatenate([z, zs[..., None]], -1), -1)
+        out = jnp.einsum("bths,bshe->bthe", a[..., :S], v) + a[..., S:] * s
+        return out, a[..., S]
+
+    check_vjp(fast, appended, (qf, kf, v, sf, s, w), dtype, what="sentinel")

@@ -106,7 +106,8 @@ def additive_attention(
     mask: Mask | None = None,
     implementation: Implementation = None,
     block_sizes: BlockSizes | None = None,
-) -> Float[Array, "B T H E"]:
+    return_lse: bool = False,
+) -> Float[Array, "B T H E"] | tuple[Float[Array, "B T H E"], Float[Array, "B T H"]]:
     r"""Additive attention ``softmax_j(w_h . phi(a_i + c_j)) v_j`` (module docstring).
 
     Args:
@@ -119,6 +120,8 @@ def additive_attention(
       mask: an :mod:`attnjax.masks` mask (padding, an adjacency, ...).
       implementation: ``"reference"`` (dense ``[T, S, P]`` scores as a bias of ``ops.attention``)
         or ``"xla"`` (the scores per tile inside ``ops.attention``'s blockwise path).
+      return_lse: also return the float32 log-sum-exp of each row's scores ``[B, T, H]``, to merge
+        with other keys (the visual sentinel, :mod:`attnjax.ops.classic.sentinel`).
 
     Returns ``[B, T, H, E]`` in ``value.dtype``; every input gets gradients.
 
@@ -129,10 +132,10 @@ def additive_attention(
     >>> ops.additive_attention(a, c, v, jnp.ones((2, 8))).shape
     (1, 5, 2, 8)
     """
-    B, T, S, H, K, P = _check(q_feats, k_feats, value, w)
+    B, T, S, H, K, _ = _check(q_feats, k_feats, value, w)
     # q . k is switched off: one zero feature, scale 1; the scores come from the bias or the mod
     zq, zk = jnp.zeros((B, T, H, 1), value.dtype), jnp.zeros((B, S, K, 1), value.dtype)
-    common = dict(scale=1.0, mask=mask)
+    common = dict(scale=1.0, mask=mask, return_lse=return_lse)
 
     def reference():
         bias = additive_scores(q_feats, k_feats, w, activation, negative_slope)
@@ -164,7 +167,7 @@ def context_pooling(
     >>> context_pooling(h, jnp.zeros((1, 3, 4)), jnp.ones(4))          # equal scores: the mean
     Array([[2., 3.]], dtype=float32)
     """
-    B, S, C = _checks.check_rank("h", h, ("batch", "len", "features"))
+    B, S, _ = _checks.check_rank("h", h, ("batch", "len", "features"))
     _checks.check_rank("keys", keys, ("batch", "len", "hidden"))
     if keys.shape[:2] != (B, S) or jnp.shape(u_ctx) != keys.shape[-1:]:
         raise ValueError(

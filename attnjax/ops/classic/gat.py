@@ -115,7 +115,7 @@ def gat_edge_list(
     segment max / sum, given each edge's score ``edge_scores [B, M, H]``: the message-passing form
     of :func:`gat_attention` (``O(M)``, no ``[N, N]`` array), for sparse graphs and as a reference.
     A node that receives no edge gets zeros."""
-    B, N, H, E = value.shape
+    N = value.shape[1]
     e = edge_scores.astype(jnp.float32)  # [B, M, H]
     seg = lambda x, op: jax.vmap(lambda y: op(y, receivers, num_segments=N))(x)
     top = jax.lax.stop_gradient(seg(e, jax.ops.segment_max))  # [B, N, H]

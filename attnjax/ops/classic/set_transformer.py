@@ -48,7 +48,7 @@ def mab_attention(
     >>> mab_attention(q, k, v, key_lengths=jnp.array([2]))[0, 0, 0]   # mean of the first two
     Array([1., 2.], dtype=float32)
     """
-    B, T, S, H, K, D, E = _checks.check_qkv(q, k, v)
+    _, _, S, H, _, D, E = _checks.check_qkv(q, k, v)
     if D != E:
         raise ValueError(
             f"the MAB residual adds q to the attention output: q's head dim {D} must equal v's {E}"
