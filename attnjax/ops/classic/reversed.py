@@ -50,7 +50,7 @@ def reversed_attention(
     >>> reversed_attention(q, k, v, jnp.ones((1, 2, 1)))[0, :, 0, 0]  # each child splits evenly
     Array([2., 2.], dtype=float32)
     """
-    _, N, _, H, K, D, _ = _checks.check_qkv(q, k, v, same_length=True)
+    _, _, _, H, K, D, _ = _checks.check_qkv(q, k, v, same_length=True)
     if K != H:
         raise ValueError(f"reversed attention needs as many key heads as query heads; got {K} and {H}")
     if v.shape[2] != H:
