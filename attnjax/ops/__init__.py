@@ -76,3 +76,10 @@ from attnjax.ops.classic.reversed import reversed_attention
 from attnjax.ops.classic.sentinel import sentinel_attention
 
 __all__ += ["bidaf_attention", "bidaf_similarity", "reversed_attention", "sentinel_attention"]
+from attnjax.ops.classic.dual_cross import glca_attention, glca_queries, pwca_attention
+from attnjax.ops.classic.pooling import (
+    efficient_probe, gated_mil_features, gated_mil_pooling, label_attention, stkim_keep,
+)
+
+__all__ += ["glca_attention", "glca_queries", "pwca_attention", "efficient_probe", "gated_mil_features",
+            "gated_mil_pooling", "label_attention", "stkim_keep"]

@@ -220,3 +220,81 @@ def test_sentinel_equals_appended_token(dtype):
         return out, a[..., S]
 
     check_vjp(fast, appended, (qf, kf, v, sf, s, w), dtype, what="sentinel")
+
+
+# -- dual cross-attention -----------------------------------------------------------------------
+
+
+def test_pwca_same_image_and_glca_all_tokens_equal_self_attention():
+    q, kk, v = (normal(x, (2, 9, 2, 4)) for x in _keys(3, 12))
+    sa = ops.attention(q, kk, v)
+    assert_close(ops.pwca_attention(q, kk, v, kk, v), sa, 2e-5, "PWCA(I, I)")
+    cls_row = normal(_keys(1, 13)[0], (2, 9))
+    out, idx = ops.glca_attention(q, kk, v, cls_row, keep=8)
+    assert sorted(np.asarray(idx[0]).tolist()) == list(range(9)) and int(idx[0, 0]) == 0
+    assert_close(out, jnp.take_along_axis(sa, idx[:, :, None, None], 1), 2e-5, "GLCA(all)")
+    with pytest.raises(ValueError, match="keep"):
+        ops.glca_queries(cls_row, 9)
+
+
+# -- attention pooling: efficient probing, gated MIL / ACMIL, label attention -------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_efficient_probe_matches_dense(dtype):
+    k = _keys(3, 14)
+    x, qs, vals = normal(k[0], (2, 11, 6)), normal(k[1], (3, 6)), normal(k[2], (2, 11, 9))
+    lengths = jnp.array([11, 5])
+
+    def dense(x, qs, vals):
+        s = jnp.einsum("mc,bnc->bmn", qs, x) / np.sqrt(6)
+        s = jnp.where(jnp.arange(11)[None, None] < lengths[:, None, None], s, -jnp.inf)
+        a = jax.nn.softmax(s, -1)
+        chunks = vals.reshape(2, 11, 3, 3)
+        return jnp.einsum("bmn,bnmc->bmc", a, chunks).reshape(2, 9)
+
+    fast = lambda x, qs, vals: ops.efficient_probe(x, qs, vals, lengths=lengths, implementation="xla")
+    check_vjp(fast, dense, (x, qs, vals), dtype, what="efficient probe")
+    with pytest.raises(ValueError, match="dividing"):
+        ops.efficient_probe(x, qs, vals[..., :8])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_gated_mil_matches_dense_with_stkim(dtype):
+    k = _keys(5, 15)
+    h, vw, uw, w = normal(k[0], (2, 13, 5)), normal(k[1], (5, 4)), normal(k[2], (5, 4)), normal(k[3], (3, 4))
+    keep = ops.stkim_keep(jnp.einsum("bnp,mp->bmn", ops.gated_mil_features(h, vw, uw), w), k[4], 4, 0.5)
+
+    def fast(h, vw, uw, w):
+        return ops.gated_mil_pooling(h, ops.gated_mil_features(h, vw, uw), w, keep=keep, implementation="xla")
+
+    def dense(h, vw, uw, w):
+        s = jnp.einsum("bnp,mp->bmn", ops.gated_mil_features(h, vw, uw), w)
+        a = jax.nn.softmax(jnp.where(keep, s, -jnp.inf), -1)
+        return jnp.einsum("bmn,bnc->bmc", a, h)
+
+    check_vjp(fast, dense, (h, vw, uw, w), dtype, what="gated MIL")
+
+
+def test_stkim_and_mil_known_answers():
+    scores = normal(_keys(1, 16)[0], (2, 3, 10))
+    key = jax.random.key(0)
+    assert ops.stkim_keep(scores, key, 4, 0.0).all()  # p = 0: the identity
+    dropped = ~ops.stkim_keep(scores, key, 4, 1.0)
+    assert (dropped.sum(-1) == 4).all()
+    assert (jnp.where(dropped, scores, jnp.inf).min(-1) >= jnp.where(dropped, -jnp.inf, scores).max(-1)).all()
+    h = normal(_keys(1, 17)[0], (2, 10, 3))
+    z = ops.gated_mil_pooling(h, jnp.zeros((2, 10, 4)), jnp.ones((3, 4)), keep=~dropped)
+    want = jnp.einsum("bmn,bnc->bmc", (~dropped) / (~dropped).sum(-1, keepdims=True), h)
+    assert_close(z, want, 2e-5, "renormalized mean over kept instances")
+
+
+def test_label_attention():
+    k = _keys(3, 18)
+    qs, kk, v = normal(k[0], (3, 4)), normal(k[1], (2, 7, 3, 4)), normal(k[2], (2, 7, 3, 5))
+    out, a = ops.label_attention(qs, kk, v, lengths=jnp.array([7, 4]))
+    assert_close(a.sum(-1), jnp.ones((2, 3)), 1e-6, "label weights sum to 1")
+    assert not np.asarray(a[1, :, 4:]).any()
+    assert_close(out, a.transpose(0, 2, 1)[..., None] * v, 1e-6, "a V per word")
+    out, _ = ops.label_attention(jnp.zeros((3, 4)), kk, v)
+    assert_close(out, v / 7, 1e-6, "uniform queries give V / N")
