@@ -83,3 +83,6 @@ from attnjax.ops.classic.pooling import (
 
 __all__ += ["glca_attention", "glca_queries", "pwca_attention", "efficient_probe", "gated_mil_features",
             "gated_mil_pooling", "label_attention", "stkim_keep"]
+from attnjax.ops.classic.lightconv import dynamic_conv, lightweight_conv
+
+__all__ += ["dynamic_conv", "lightweight_conv"]

@@ -298,3 +298,36 @@ def test_label_attention():
     assert_close(out, a.transpose(0, 2, 1)[..., None] * v, 1e-6, "a V per word")
     out, _ = ops.label_attention(jnp.zeros((3, 4)), kk, v)
     assert_close(out, v / 7, 1e-6, "uniform queries give V / N")
+
+
+# -- lightweight and dynamic convolutions -------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["centered", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_dynamic_conv_xla_matches_unfold(dtype, causal):
+    k = _keys(2, 19)
+    x, ker = normal(k[0], (2, 21, 6)), normal(k[1], (2, 21, 3, 4))
+    run = lambda impl: (
+        lambda x, ker: ops.dynamic_conv(x, ker, causal=causal, implementation=impl, block_sizes=BS)
+    )
+    check_vjp(run("xla"), run("reference"), (x, ker), dtype, what="dynamic conv")
+
+
+@pytest.mark.parametrize("width", [4, 5])
+def test_lightweight_conv_is_depthwise_conv(width):
+    k = _keys(2, 20)
+    x, w = normal(k[0], (2, 13, 6)), normal(k[1], (3, width))
+    sw = np.asarray(jax.nn.softmax(w, -1))
+    xn, want = np.asarray(x), np.zeros((2, 13, 6))
+    for c in range(6):
+        for i in range(13):
+            for j in range(1, width + 1):  # the paper's X_{i + j - ceil((k + 1) / 2)}
+                t = i + j - -(-(width + 1) // 2)
+                if 0 <= t < 13:
+                    want[:, i, c] += sw[c // 2, j - 1] * xn[:, t, c]
+    got = jax.jit(lambda x, w: ops.lightweight_conv(x, w, implementation="xla"))(x, w)
+    assert_close(got, want, 2e-5, "LightConv == depthwise conv")
+    # a constant predicted kernel is LightConv
+    dyn = ops.dynamic_conv(x, jnp.broadcast_to(w, (2, 13, 3, width)), implementation="reference")
+    assert_close(dyn, want, 2e-5, "DynamicConv(constant) == LightConv")

@@ -107,7 +107,7 @@ def gated_mil_pooling(
     >>> gated_mil_pooling(h, jnp.zeros((1, 3, 4)), jnp.ones((1, 4)))   # equal scores: the mean
     Array([[[2., 3.]]], dtype=float32)
     """
-    B, N, C = _checks.check_rank("h", h, ("batch", "instances", "features"))
+    B, N, _ = _checks.check_rank("h", h, ("batch", "instances", "features"))
     M, P = _checks.check_rank("w", w, ("branches", "hidden"))
     if jnp.shape(feats) != (B, N, P):
         raise ValueError(f"feats must be [batch={B}, instances={N}, hidden={P}]; got {jnp.shape(feats)}")
