@@ -86,3 +86,10 @@ __all__ += ["glca_attention", "glca_queries", "pwca_attention", "efficient_probe
 from attnjax.ops.classic.lightconv import dynamic_conv, lightweight_conv
 
 __all__ += ["dynamic_conv", "lightweight_conv"]
+from attnjax.ops.classic.latent import (
+    alignment_elbo, alignment_marginal, categorical_kl, doubly_stochastic_penalty, hard_attention,
+    reinforce_surrogate,
+)
+
+__all__ += ["alignment_elbo", "alignment_marginal", "categorical_kl", "doubly_stochastic_penalty", "hard_attention",
+            "reinforce_surrogate"]

@@ -331,3 +331,65 @@ def test_lightweight_conv_is_depthwise_conv(width):
     # a constant predicted kernel is LightConv
     dyn = ops.dynamic_conv(x, jnp.broadcast_to(w, (2, 13, 3, width)), implementation="reference")
     assert_close(dyn, want, 2e-5, "DynamicConv(constant) == LightConv")
+
+
+# -- latent alignments: hard attention, variational attention -----------------------------------
+
+
+def test_hard_attention_samples_average_to_soft_context():
+    k = _keys(2, 21)
+    logits, vals = normal(k[0], (3, 6)), normal(k[1], (3, 6, 4))
+    keys = jax.random.split(jax.random.key(1), 4000)
+    ctx, idx, lp = jax.vmap(lambda kk: ops.hard_attention(logits, vals, kk))(keys)
+    soft = jnp.einsum("ns,nse->ne", jax.nn.softmax(logits, -1), vals)
+    assert float(jnp.abs(ctx.mean(0) - soft).max()) < 0.1
+    assert_close(
+        lp,
+        jnp.take_along_axis(jax.nn.log_softmax(logits, -1)[None].repeat(4000, 0), idx[..., None], -1)[..., 0],
+        1e-6,
+        "log_prob",
+    )
+    # the surrogate's gradient in expectation is the gradient of -E[reward]
+    reward = vals[..., 0]  # reward of location s: vals[n, s, 0]
+
+    def surrogate(lg):
+        _, idx, lp = jax.vmap(lambda kk: ops.hard_attention(lg, vals, kk))(keys)
+        return (
+            ops.reinforce_surrogate(
+                lp,
+                jnp.take_along_axis(reward[None].repeat(4000, 0), idx[..., None], -1)[..., 0],
+                baseline=reward.mean(-1),
+            )
+            * 3
+        )
+
+    exact = jax.grad(lambda lg: -(jax.nn.softmax(lg, -1) * reward).sum())(logits)
+    assert float(jnp.abs(jax.grad(surrogate)(logits) - exact).max()) < 0.15
+
+
+def test_doubly_stochastic_penalty():
+    assert float(ops.doubly_stochastic_penalty(jnp.eye(4)[None])[0]) == 0.0
+    a = jnp.full((1, 2, 3), 1 / 3)  # 2 steps, 3 locations: each gets 2/3
+    assert_close(ops.doubly_stochastic_penalty(a, 0.5), jnp.array([0.5 * 3 / 9]), 1e-6, "penalty")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_alignment_marginal_blockwise_matches_enumeration(dtype):
+    k = _keys(3, 22)
+    q, kk, ll = normal(k[0], (2, 9, 2, 4)), normal(k[1], (2, 11, 2, 4)), -jnp.abs(normal(k[2], (2, 2, 9, 11)))
+
+    def enum(q, kk, ll):
+        s = jnp.einsum("bthd,bshd->bhts", q, kk) / 2.0
+        return jax.nn.logsumexp(jax.nn.log_softmax(s, -1) + ll, -1).transpose(0, 2, 1)
+
+    fast = lambda q, kk, ll: ops.alignment_marginal(q, kk, ll, implementation="xla")
+    check_vjp(fast, enum, (q, kk, ll), dtype, what="marginal", tol=3e-2 if dtype == jnp.bfloat16 else None)
+
+
+def test_kl_and_elbo():
+    lp = jax.nn.log_softmax(normal(_keys(1, 23)[0], (4, 7)), -1)
+    assert_close(ops.categorical_kl(lp, lp), jnp.zeros(4), 1e-6, "KL(p || p)")
+    ll = -jnp.abs(normal(_keys(1, 24)[0], (4, 7)))
+    post = jax.nn.log_softmax(lp + ll, -1)  # the true posterior: ELBO = marginal
+    assert_close(ops.alignment_elbo(post, lp, ll), jax.nn.logsumexp(lp + ll, -1), 1e-5, "tight ELBO")
+    assert (ops.alignment_elbo(lp, lp, ll) <= jax.nn.logsumexp(lp + ll, -1) + 1e-6).all()
