@@ -24,6 +24,7 @@ from attnjax import _checks
 from attnjax.core.pytree import pytree_dataclass
 from attnjax.core.tiling import take
 from attnjax.masks.base import Mask
+from attnjax.masks.document import document
 from attnjax.masks.positional import causal
 
 
@@ -152,3 +153,45 @@ def vidt(types: Int[Array, "B T"], patch_mask: Mask, patch: int = 0, det: int = 
     windows on the patch positions), ``[DET]`` sees ``[DET]`` and ``[PATCH]``, patches never see
     ``[DET]``."""
     return by_type(types, {(patch, patch): patch_mask, (det, det): "full", (det, patch): "full"})
+
+
+def isolation(subject_ids: Int[Array, "B T"], num_subjects: int, background: int = 0) -> Mask:
+    """Isolation attention (IR-Diffusion): tokens of subject ``a`` never attend tokens of another
+    subject ``b``; background tokens (id ``background``) see and are seen by everything. Subject
+    ids are ``0 .. num_subjects`` with the background among them."""
+    n = _checks.positive_int("num_subjects", num_subjects)
+    ids = range(n + 1)
+    rules = {(a, b): "full" for a in ids for b in ids if a == b or background in (a, b)}
+    return by_type(subject_ids, rules)
+
+
+@pytree_dataclass(data=("flags",))
+class Heads(Mask):
+    """Allowed in the heads whose flag is set (``flags [H]`` bool), everywhere in them."""
+
+    flags: Array  # [H]
+
+    def predicate(self, q_len, kv_len, b, h, q_idx, kv_idx):
+        return take(self.flags, h)
+
+    def bounds(self, tiles, batch):
+        f = self.flags[None, :, None, None]
+        return f, f
+
+    def check(self, batch, heads, q_len, kv_len):
+        if jnp.shape(self.flags) != (heads,):
+            raise ValueError(f"head flags have shape {jnp.shape(self.flags)}; expected [heads={heads}]")
+
+
+def speaker_heads(speaker_ids: Int[Array, "B T"], intra: Array, *, causal_order: bool = True) -> Mask:
+    """Identity-masked multi-head attention (EmotionIC IM-MHA, a reading of the abstract): heads
+    with ``intra[h]`` see only (earlier) utterances of the *same* speaker, self included; the
+    other heads only (earlier) utterances of *other* speakers. ``intra`` is a bool ``[H]``;
+    ``causal_order`` adds :func:`attnjax.masks.causal`. A row with no allowed key gives zeros
+    (an inter-speaker head in a one-speaker dialogue sees nothing)."""
+    flags = jnp.asarray(intra, bool)
+    if flags.ndim != 1:
+        raise ValueError(f"intra must be a bool [heads] array; got shape {flags.shape}")
+    same = document(speaker_ids)
+    out = (Heads(flags) & same) | (Heads(~flags) & ~same)
+    return out & causal() if causal_order else out

@@ -93,3 +93,6 @@ from attnjax.ops.classic.latent import (
 
 __all__ += ["alignment_elbo", "alignment_marginal", "categorical_kl", "doubly_stochastic_penalty", "hard_attention",
             "reinforce_surrogate"]
+from attnjax.ops.classic.region import reference_scaling, region_attention
+
+__all__ += ["reference_scaling", "region_attention"]

@@ -68,3 +68,25 @@ def test_bad_rules():
         masks.by_type(TYPES, {(0, 0): "none"})
     with pytest.raises(ValueError, match="int pairs"):
         masks.by_type(TYPES, {0: "full"})
+
+
+def test_isolation_and_speaker_heads():
+    subj = jnp.array([[0, 1, 1, 2, 2, 0, 1]])
+    d = np.asarray(masks.isolation(subj, 2).materialize(7, 7, batch=1))[0, 0]
+    s = np.asarray(subj[0])
+    want = (s[:, None] == s[None]) | (s[:, None] == 0) | (s[None] == 0)
+    np.testing.assert_array_equal(d, want)
+    spk = jnp.array([[0, 1, 0, 0, 1]])
+    m = masks.speaker_heads(spk, jnp.array([True, False]))
+    d = np.asarray(m.materialize(5, 5, batch=1, heads=2))[0]
+    causal = np.tril(np.ones((5, 5), bool))
+    same = np.asarray(spk[0])[:, None] == np.asarray(spk[0])[None]
+    np.testing.assert_array_equal(d[0], same & causal)
+    np.testing.assert_array_equal(d[1], ~same & causal)
+    # a one-speaker dialogue leaves the inter-speaker heads empty: zeros
+    q = normal(jax.random.key(0), (1, 5, 2, 4))
+    out = ops.attention(q, q, q, mask=masks.speaker_heads(jnp.zeros((1, 5), int), jnp.array([True, False])))
+    assert not np.asarray(out[:, :, 1]).any() and np.asarray(out[:, :, 0]).any()
+    bm = np.asarray(m.block_map(5, 5, 2, 2, batch=1))
+    want = dense_tile_classes(np.asarray(m.materialize(5, 5, batch=1, heads=2)), 2, 2)
+    assert ((bm == want) | (bm == masks.PARTIAL)).all()

@@ -393,3 +393,25 @@ def test_kl_and_elbo():
     post = jax.nn.log_softmax(lp + ll, -1)  # the true posterior: ELBO = marginal
     assert_close(ops.alignment_elbo(post, lp, ll), jax.nn.logsumexp(lp + ll, -1), 1e-5, "tight ELBO")
     assert (ops.alignment_elbo(lp, lp, ll) <= jax.nn.logsumexp(lp + ll, -1) + 1e-6).all()
+
+
+# -- region masks -------------------------------------------------------------------------------
+
+
+def test_region_attention_permuted_equals_document_mask():
+    q, kk, v = (normal(x, (2, 13, 2, 4)) for x in _keys(3, 25))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 3, (2, 13)))
+    run = jax.jit(
+        lambda q, k, v, p: ops.region_attention(q, k, v, ids, permute=p, implementation="xla"),
+        static_argnums=3,
+    )
+    assert_close(run(q, kk, v, True), run(q, kk, v, False), 2e-5, "permuted == document")
+    one = ops.region_attention(q, kk, v, jnp.zeros((2, 13), int))
+    assert_close(one, ops.attention(q, kk, v), 2e-5, "one region is full attention")
+    # MRSA: in-mask reference keys scaled by w, out-of-mask ones hidden
+    flags = jnp.arange(13)[None].repeat(2, 0) >= 9
+    mod = ops.reference_scaling(flags, 2.0)
+    got = ops.attention(q, kk, v, score_mod=mod, implementation="xla")
+    s = jnp.einsum("bthd,bshd->bhts", q, kk) / 2.0
+    s = jnp.where(flags[:, None, None], 2.0 * s, s)
+    assert_close(got, jnp.einsum("bhts,bshe->bthe", jax.nn.softmax(s, -1), v), 2e-5, "MRSA scaling")
