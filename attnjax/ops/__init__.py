@@ -96,3 +96,6 @@ __all__ += ["alignment_elbo", "alignment_marginal", "categorical_kl", "doubly_st
 from attnjax.ops.classic.region import reference_scaling, region_attention
 
 __all__ += ["reference_scaling", "region_attention"]
+from attnjax.ops.classic.coarse_to_fine import coarse_to_fine_attention, coarse_to_fine_hard, grid_cells, sparsemax
+
+__all__ += ["coarse_to_fine_attention", "coarse_to_fine_hard", "grid_cells", "sparsemax"]

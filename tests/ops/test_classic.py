@@ -415,3 +415,34 @@ def test_region_attention_permuted_equals_document_mask():
     s = jnp.einsum("bthd,bshd->bhts", q, kk) / 2.0
     s = jnp.where(flags[:, None, None], 2.0 * s, s)
     assert_close(got, jnp.einsum("bhts,bshe->bthe", jax.nn.softmax(s, -1), v), 2e-5, "MRSA scaling")
+
+
+# -- coarse-to-fine -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_coarse_to_fine_xla_matches_hierarchical_weights(dtype):
+    k = _keys(4, 26)
+    q, kk, v = normal(k[0], (2, 7, 2, 4)), normal(k[1], (2, 15, 1, 4)), normal(k[2], (2, 15, 1, 3))
+    coarse = jax.nn.softmax(normal(k[3], (2, 7, 2, 3)), -1)
+    run = lambda impl: lambda *a: ops.coarse_to_fine_attention(*a, 5, implementation=impl)
+    check_vjp(run("xla"), run("reference"), (q, kk, v, coarse), dtype, what="coarse-to-fine")
+
+
+def test_coarse_to_fine_known_answers():
+    k = _keys(3, 27)
+    q, kk, v = normal(k[0], (1, 5, 2, 4)), normal(k[1], (1, 12, 2, 4)), normal(k[2], (1, 12, 2, 3))
+    one = ops.coarse_to_fine_attention(q, kk, v, jnp.ones((1, 5, 2, 1)), 12)
+    assert_close(one, ops.attention(q, kk, v), 2e-5, "one cell is standard attention")
+    # hierarchical weights sum to 1: constant values pass through
+    coarse = ops.sparsemax(normal(k[0], (1, 5, 2, 4)))
+    assert_close(coarse.sum(-1), jnp.ones((1, 5, 2)), 1e-6, "sparsemax on the simplex")
+    ones = ops.coarse_to_fine_attention(q, kk, jnp.ones_like(v), coarse, 3, implementation="xla")
+    assert_close(ones, jnp.ones_like(ones), 1e-5, "weights sum to 1")
+    # hard selection of cell c == coarse weights one-hot on c
+    cell = jnp.array([[0, 3, 1, 1, 2]])
+    hard = ops.coarse_to_fine_hard(q, kk, v, cell, 3)
+    onehot = jnp.broadcast_to(jax.nn.one_hot(cell, 4)[:, :, None], (1, 5, 2, 4))
+    assert_close(hard, ops.coarse_to_fine_attention(q, kk, v, onehot, 3), 2e-5, "hard == one-hot")
+    x = jnp.arange(16.0).reshape(1, 4, 4)
+    assert ops.grid_cells(x, (2, 2))[0, :4].tolist() == [0.0, 1.0, 4.0, 5.0]

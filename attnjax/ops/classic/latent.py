@@ -105,7 +105,7 @@ def alignment_marginal(
     >>> round(float(alignment_marginal(q, jnp.zeros((1, 2, 1, 2)), jnp.log(jnp.array([0.2, 0.6])))[0, 0, 0]), 4)
     -0.9163
     """
-    B, T, S, H, K, D, _ = _checks.check_qkv(q, k, k)
+    B, _, S, _, K, _, _ = _checks.check_qkv(q, k, k)
     v = jnp.zeros((B, S, K, 1), q.dtype)
     kw = dict(mask=mask, scale=scale, implementation=implementation, return_lse=True)
     if isinstance(log_lik, ScoreMod):
