@@ -44,3 +44,6 @@ __all__ += ["MAB", "SAB", "ISAB", "PMA"]
 from attnjax.nn.graph import GraphAttention
 
 __all__ += ["GraphAttention"]
+from attnjax.nn.fit import FITBlock
+
+__all__ += ["FITBlock"]

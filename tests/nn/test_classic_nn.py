@@ -20,6 +20,7 @@ MODULES = {
     "pma": lambda r: nn.PMA(8, 2, 3, rngs=r),
     "gat": lambda r: nn.GraphAttention(6, 4, 2, rngs=r),
     "gatv2": lambda r: nn.GraphAttention(6, 4, 2, version=2, rngs=r),
+    "fit": lambda r: nn.FITBlock(8, 2, group_size=3, rngs=r),
 }
 
 
@@ -82,3 +83,22 @@ def test_graph_attention_is_the_op_and_trains():
     assert all(np.isfinite(np.asarray(a)).all() for a in g) and sum(float(jnp.abs(a).sum()) for a in g) > 0
     with pytest.raises(ValueError, match="adjacency"):
         layer(h, adj[None, :5])
+
+
+def test_fit_groups_communicate_only_through_latents():
+    x = normal(jax.random.key(3), (1, 9, 8))
+    z = normal(jax.random.key(4), (1, 3, 2, 8))
+    x2 = x.at[:, 3:].add(normal(jax.random.key(6), (1, 6, 8)))  # perturb groups 1 and 2
+    for global_layer, causal in ((False, False), (True, False), (True, True)):
+        block = nn.FITBlock(
+            8, 2, group_size=3, global_layer=global_layer, causal_groups=causal, rngs=nnx.Rngs(5)
+        )
+        run = nnx.jit(lambda b, x, z: b(x, z))
+        (y, _), (y2, _) = run(block, x, z), run(block, x2, z)
+        changed = float(jnp.abs(y2[:, :3] - y[:, :3]).max())
+        if global_layer and not causal:
+            assert changed > 1e-4, "group 0 must see the others through the global latents"
+        else:  # no global layer, or causal over groups: group 0 sees no later group
+            assert changed < 1e-5, f"group 0 changed by {changed}"
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        block(x[:, :8], z)
