@@ -47,3 +47,6 @@ __all__ += ["GraphAttention"]
 from attnjax.nn.fit import FITBlock
 
 __all__ += ["FITBlock"]
+from attnjax.nn.classic import AdditiveAttention, BiDAFAttention, EfficientProbe, GatedMILPooling
+
+__all__ += ["AdditiveAttention", "BiDAFAttention", "EfficientProbe", "GatedMILPooling"]

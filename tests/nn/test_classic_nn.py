@@ -21,6 +21,10 @@ MODULES = {
     "gat": lambda r: nn.GraphAttention(6, 4, 2, rngs=r),
     "gatv2": lambda r: nn.GraphAttention(6, 4, 2, version=2, rngs=r),
     "fit": lambda r: nn.FITBlock(8, 2, group_size=3, rngs=r),
+    "additive": lambda r: nn.AdditiveAttention(4, 6, 8, num_heads=2, rngs=r),
+    "bidaf": lambda r: nn.BiDAFAttention(5, rngs=r),
+    "probe": lambda r: nn.EfficientProbe(8, 2, d_out=2, rngs=r),
+    "mil": lambda r: nn.GatedMILPooling(6, 4, branches=3, rngs=r),
 }
 
 
@@ -102,3 +106,33 @@ def test_fit_groups_communicate_only_through_latents():
             assert changed < 1e-5, f"group 0 changed by {changed}"
     with pytest.raises(ValueError, match="multiple of group_size"):
         block(x[:, :8], z)
+
+
+def test_classic_layers_are_their_ops_and_train():
+    k = jax.random.split(jax.random.key(7), 3)
+    q, kv = normal(k[0], (2, 3, 4)), normal(k[1], (2, 5, 6))
+    att = nn.AdditiveAttention(4, 6, 8, num_heads=2, rngs=nnx.Rngs(0))
+    a = att.w_query(q).reshape(2, 3, 2, 8)
+    c = att.w_key(kv).reshape(2, 5, 2, 8)
+    want = ops.additive_attention(
+        a, c, jnp.broadcast_to(kv[:, :, None], (2, 5, 2, 6)), att.v[...], implementation="reference"
+    ).reshape(2, 3, 12)
+    assert_close(att(q, kv), want, 1e-5, "additive layer")
+    h = normal(k[2], (2, 7, 6))
+    mil = nn.GatedMILPooling(6, 4, branches=3, rngs=nnx.Rngs(1))
+    z = mil(h, key=jax.random.key(0), top_k=2, p=0.5)
+    assert z.shape == (2, 3, 6)
+    assert_close(mil(h, key=jax.random.key(0), top_k=2, p=0.0), mil(h), 1e-6, "p = 0 is the identity")
+    probe = nn.EfficientProbe(8, 2, d_out=2, rngs=nnx.Rngs(2))
+    assert probe(normal(k[0], (2, 5, 8))).shape == (2, 4)
+    bidaf = nn.BiDAFAttention(6, rngs=nnx.Rngs(3))
+    assert bidaf(h, kv).shape == (2, 7, 24)
+    for m, f in (
+        (att, lambda m: jnp.mean(m(q, kv) ** 2)),
+        (mil, lambda m: jnp.mean(m(h) ** 2)),
+        (bidaf, lambda m: jnp.mean(m(h, kv) ** 2)),
+    ):
+        g = jax.tree.leaves(nnx.state(nnx.grad(f)(m), nnx.Param))
+        assert (
+            all(np.isfinite(np.asarray(x)).all() for x in g) and sum(float(jnp.abs(x).sum()) for x in g) > 0
+        )
