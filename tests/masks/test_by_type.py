@@ -31,7 +31,10 @@ def test_modality_mutual_by_hand():
     np.testing.assert_array_equal(d, want)
 
 
-@pytest.mark.parametrize("blocks", [(2, 3), (4, 4), (3, 1)])
+@pytest.mark.parametrize(
+    "blocks",
+    [(2, 3), pytest.param((4, 4), marks=pytest.mark.slow), pytest.param((3, 1), marks=pytest.mark.slow)],
+)
 def test_block_maps_are_exact_on_type_runs(blocks):
     for m in (
         masks.modality_mutual(TYPES),
@@ -70,6 +73,7 @@ def test_bad_rules():
         masks.by_type(TYPES, {0: "full"})
 
 
+@pytest.mark.slow
 def test_isolation_and_speaker_heads():
     subj = jnp.array([[0, 1, 1, 2, 2, 0, 1]])
     d = np.asarray(masks.isolation(subj, 2).materialize(7, 7, batch=1))[0, 0]

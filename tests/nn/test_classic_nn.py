@@ -70,6 +70,7 @@ def test_pma_zero_query_key_weights_attend_uniformly():
     assert_close(pma(z), want, 1e-5, "uniform PMA")
 
 
+@pytest.mark.slow
 def test_graph_attention_is_the_op_and_trains():
     h = normal(jax.random.key(2), (1, 11, 6))
     adj = jnp.asarray(np.random.default_rng(1).random((11, 11)) < 0.3) | jnp.eye(11, dtype=bool)
@@ -89,6 +90,7 @@ def test_graph_attention_is_the_op_and_trains():
         layer(h, adj[None, :5])
 
 
+@pytest.mark.slow
 def test_fit_groups_communicate_only_through_latents():
     x = normal(jax.random.key(3), (1, 9, 8))
     z = normal(jax.random.key(4), (1, 3, 2, 8))
@@ -108,6 +110,7 @@ def test_fit_groups_communicate_only_through_latents():
         block(x[:, :8], z)
 
 
+@pytest.mark.slow
 def test_classic_layers_are_their_ops_and_train():
     k = jax.random.split(jax.random.key(7), 3)
     q, kv = normal(k[0], (2, 3, 4)), normal(k[1], (2, 5, 6))

@@ -12,7 +12,8 @@ import pytest
 from attnjax import masks, ops
 from tests.harness import assert_close, check_vjp, normal
 
-DTYPES = [jnp.float32, jnp.bfloat16]
+# bfloat16 cases run in the slow tier (the fast tier's CPU budget); float32 ones always
+DTYPES = [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)]
 BS = ops.BlockSizes(block_q=8, block_k=8)
 
 
@@ -89,6 +90,7 @@ def test_gat_dense_matches_edge_list(dtype):
     assert not np.asarray(out[:, 3], np.float32).any()  # no in-edges: zeros
 
 
+@pytest.mark.slow
 def test_gat_per_node_loop():
     N, H, E = 7, 1, 3
     adj, _, _ = _graph(N, 4, 0.5)
@@ -103,6 +105,7 @@ def test_gat_per_node_loop():
         assert_close(got[0, i, 0], a @ v[0, nb, 0], 2e-5, f"node {i}")
 
 
+@pytest.mark.slow
 def test_gat_complete_graph_zero_a_is_mean():
     v = normal(_keys(1)[0], (2, 9, 3, 4))
     z = jnp.zeros((2, 9, 3))
@@ -167,6 +170,7 @@ def test_bidaf_xla_matches_step_by_step(dtype):
     check_vjp(run("xla"), run("reference"), (h, u, w), dtype, what="bidaf")
 
 
+@pytest.mark.slow
 def test_bidaf_one_query_word_by_hand():
     # J = 1: C2Q copies u_1; Q2C weights softmax_t(S_t1) with S_t1 = w.[h_t; u; h_t u]
     h, u = normal(_keys(1, 8)[0], (1, 4, 3)), jnp.array([[[1.0, -2.0, 0.5]]])
@@ -192,6 +196,7 @@ def test_reversed_xla_matches_dense(dtype):
     check_vjp(run("xla"), run("reference"), (q, kk, v, m), dtype, what="reversed")
 
 
+@pytest.mark.slow
 def test_reversed_children_send_m():
     # one-hot values per child: parent outputs summed over parents = each child's sent mass m_i
     N = 6
@@ -225,6 +230,7 @@ def test_sentinel_equals_appended_token(dtype):
 # -- dual cross-attention -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_pwca_same_image_and_glca_all_tokens_equal_self_attention():
     q, kk, v = (normal(x, (2, 9, 2, 4)) for x in _keys(3, 12))
     sa = ops.attention(q, kk, v)
@@ -276,6 +282,7 @@ def test_gated_mil_matches_dense_with_stkim(dtype):
     check_vjp(fast, dense, (h, vw, uw, w), dtype, what="gated MIL")
 
 
+@pytest.mark.slow
 def test_stkim_and_mil_known_answers():
     scores = normal(_keys(1, 16)[0], (2, 3, 10))
     key = jax.random.key(0)
@@ -303,7 +310,9 @@ def test_label_attention():
 # -- lightweight and dynamic convolutions -------------------------------------------------------
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["centered", "causal"])
+@pytest.mark.parametrize(
+    "causal", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["centered", "causal"]
+)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 def test_dynamic_conv_xla_matches_unfold(dtype, causal):
     k = _keys(2, 19)
@@ -314,7 +323,7 @@ def test_dynamic_conv_xla_matches_unfold(dtype, causal):
     check_vjp(run("xla"), run("reference"), (x, ker), dtype, what="dynamic conv")
 
 
-@pytest.mark.parametrize("width", [4, 5])
+@pytest.mark.parametrize("width", [pytest.param(4, marks=pytest.mark.slow), 5])
 def test_lightweight_conv_is_depthwise_conv(width):
     k = _keys(2, 20)
     x, w = normal(k[0], (2, 13, 6)), normal(k[1], (3, width))
@@ -336,6 +345,7 @@ def test_lightweight_conv_is_depthwise_conv(width):
 # -- latent alignments: hard attention, variational attention -----------------------------------
 
 
+@pytest.mark.slow
 def test_hard_attention_samples_average_to_soft_context():
     k = _keys(2, 21)
     logits, vals = normal(k[0], (3, 6)), normal(k[1], (3, 6, 4))
@@ -398,6 +408,7 @@ def test_kl_and_elbo():
 # -- region masks -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_region_attention_permuted_equals_document_mask():
     q, kk, v = (normal(x, (2, 13, 2, 4)) for x in _keys(3, 25))
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 3, (2, 13)))
@@ -429,6 +440,7 @@ def test_coarse_to_fine_xla_matches_hierarchical_weights(dtype):
     check_vjp(run("xla"), run("reference"), (q, kk, v, coarse), dtype, what="coarse-to-fine")
 
 
+@pytest.mark.slow
 def test_coarse_to_fine_known_answers():
     k = _keys(3, 27)
     q, kk, v = normal(k[0], (1, 5, 2, 4)), normal(k[1], (1, 12, 2, 4)), normal(k[2], (1, 12, 2, 3))
