@@ -194,3 +194,22 @@ def get(name: str) -> Variant:
     if name not in VARIANTS:
         raise ValueError(f"unknown attention variant {name!r}; known variants: {', '.join(VARIANTS)}")
     return VARIANTS[name]
+
+
+# -- zoo part 4: Set Transformer blocks as the attention layer (bidirectional: sets) ---------------
+
+
+def _sab(spec):
+    return nn.SAB(spec.features, spec.features, spec.heads, implementation=spec.implementation, rngs=spec.rngs)
+
+
+def _isab(spec):
+    return nn.ISAB(spec.features, spec.features, spec.heads, spec.options.get("inducing", 8),
+                   implementation=spec.implementation, rngs=spec.rngs)
+
+
+for _v in (
+    Variant("sab", _sab, "Set Transformer (Lee et al. 2019): SAB", causal=False),
+    Variant("isab", _isab, "Set Transformer (Lee et al. 2019): ISAB", causal=False, options=("inducing",)),
+):
+    VARIANTS[_v.name] = _v
