@@ -62,7 +62,7 @@ def _assemble(h, c2q, h_tilde):
 def bidaf_attention(
     h: Float[Array, "B T C"],
     u: Float[Array, "B J C"],
-    w: Float[Array, " 3C"],
+    w: Float[Array, " C3"],
     *,
     context_lengths: Int[Array, " B"] | None = None,
     query_lengths: Int[Array, " B"] | None = None,
