@@ -28,6 +28,9 @@ TASK_CONFIGS = {"charlm": "tiny_charlm", "mqar": "mqar", "digits": "digits"}
 DEFAULT_VARIANTS = ("softmax", "sigmoid", "linear", "lightning", "agent")
 # Steps per task: one budget for every variant (small enough for a CPU; rank, not convergence).
 STEPS = {"charlm": 150, "mqar": 200, "digits": 150}
+# zoo part 4: the set task, and ISAB in the default grid (it runs on digits and maxset)
+TASK_CONFIGS["maxset"], STEPS["maxset"] = "maxset", 200
+DEFAULT_VARIANTS += ("isab",)
 
 
 def grid(variant_names, task_names):
