@@ -47,6 +47,6 @@ __all__ += ["GraphAttention"]
 from attnjax.nn.fit import FITBlock
 
 __all__ += ["FITBlock"]
-from attnjax.nn.classic import AdditiveAttention, BiDAFAttention, EfficientProbe, GatedMILPooling
+from attnjax.nn.classic import AdditiveAttention, BiDAFAttention, EfficientProbe, GatedMILPooling, LabelAttention
 
-__all__ += ["AdditiveAttention", "BiDAFAttention", "EfficientProbe", "GatedMILPooling"]
+__all__ += ["AdditiveAttention", "BiDAFAttention", "EfficientProbe", "GatedMILPooling", "LabelAttention"]

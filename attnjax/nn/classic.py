@@ -198,3 +198,29 @@ class GatedMILPooling(nnx.Module):
             lengths=lengths,
             implementation=self.implementation,
         )
+
+
+class LabelAttention(nnx.Module):
+    r"""The label attention layer (LAL): each of ``num_labels`` heads has a learned query (no
+    query matrix), ``a_l = softmax_i(q_l . K_l[i] / sqrt(d))``; word ``i`` keeps its label vectors
+    ``a_{l,i} V_l[i]``, which are concatenated over labels, projected back to ``C`` and added to
+    the word (:func:`attnjax.ops.label_attention`). Returns ``(y [B, N, C], a [B, L, N])``."""
+
+    def __init__(self, features: int, num_labels: int, head_dim: int, *, dtype=None, rngs: nnx.Rngs):
+        C, L, D = (
+            _checks.positive_int(n, x)
+            for n, x in (("features", features), ("num_labels", num_labels), ("head_dim", head_dim))
+        )
+        self.labels, self.head_dim = L, D
+        self.queries = param(_init(rngs, (L, D), dtype), "heads", "head_dim")
+        self.key = linear(C, L * D, ("embed", "heads"), use_bias=False, dtype=dtype, rngs=rngs)
+        self.value = linear(C, L * D, ("embed", "heads"), use_bias=False, dtype=dtype, rngs=rngs)
+        self.out = linear(L * D, C, ("heads", "embed"), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Float[Array, "B N C"], lengths: Int[Array, " B"] | None = None):
+        B, N, _ = x.shape
+        split = lambda y: y.reshape(B, N, self.labels, self.head_dim)
+        per_word, a = ops.label_attention(
+            self.queries[...].astype(x.dtype), split(self.key(x)), split(self.value(x)), lengths=lengths
+        )
+        return x + self.out(per_word.reshape(B, N, -1)), a

@@ -25,6 +25,7 @@ MODULES = {
     "bidaf": lambda r: nn.BiDAFAttention(5, rngs=r),
     "probe": lambda r: nn.EfficientProbe(8, 2, d_out=2, rngs=r),
     "mil": lambda r: nn.GatedMILPooling(6, 4, branches=3, rngs=r),
+    "label": lambda r: nn.LabelAttention(6, 3, 4, rngs=r),
 }
 
 
@@ -139,3 +140,12 @@ def test_classic_layers_are_their_ops_and_train():
         assert (
             all(np.isfinite(np.asarray(x)).all() for x in g) and sum(float(jnp.abs(x).sum()) for x in g) > 0
         )
+
+
+def test_label_attention_layer():
+    layer = nn.LabelAttention(6, 3, 4, rngs=nnx.Rngs(0))
+    x = normal(jax.random.key(8), (2, 5, 6))
+    y, a = layer(x, jnp.array([5, 3]))
+    assert y.shape == (2, 5, 6) and a.shape == (2, 3, 5)
+    assert_close(a.sum(-1), jnp.ones((2, 3)), 1e-6, "each label's weights sum to 1")
+    assert not np.asarray(a[1, :, 3:]).any()
