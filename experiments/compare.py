@@ -33,6 +33,13 @@ TASK_CONFIGS["maxset"], STEPS["maxset"] = "maxset", 200
 DEFAULT_VARIANTS += ("isab",)
 
 
+def _set_pooling(variant: str, task: str) -> list[str]:
+    """On the set task the Set Transformer variants pool by PMA; the others by the mean."""
+    if task != "maxset":
+        return []
+    return ["variant_options={'pool': 'pma'}" if variant in ("sab", "isab") else "variant_options={}"]
+
+
 def grid(variant_names, task_names):
     """The (variant, task) pairs where the variant fits the task (causal LM vs bidirectional)."""
     for t in task_names:
@@ -51,7 +58,7 @@ def run_grid(variant_names, task_names, *, steps: int | None, out_dir: Path, ext
         n = steps or STEPS[t]
         cfg = config.load(TASK_CONFIGS[t], [
             f"variant={v}", f"steps={n}", f"eval_every={n}", f"warmup={max(1, n // 10)}",
-            "checkpoint_every=0", "plot=false", f"out_dir={out_dir / f'{t}-{v}-{seed}'}", *extra,
+            "checkpoint_every=0", "plot=false", f"out_dir={out_dir / f'{t}-{v}-{seed}'}", *_set_pooling(v, t), *extra,
             f"seed={seed}",
         ])
         print(f"[{i + 1}/{len(runs)}] {t} / {v} / seed {seed}: {n} steps", flush=True)

@@ -209,7 +209,8 @@ def _isab(spec):
 
 
 for _v in (
-    Variant("sab", _sab, "Set Transformer (Lee et al. 2019): SAB", causal=False),
-    Variant("isab", _isab, "Set Transformer (Lee et al. 2019): ISAB", causal=False, options=("inducing",)),
+    # "pool": "pma" makes the model pool by PMA (experiments/model.py) instead of the mean
+    Variant("sab", _sab, "Set Transformer (Lee et al. 2019): SAB", causal=False, options=("pool",)),
+    Variant("isab", _isab, "Set Transformer (Lee et al. 2019): ISAB", causal=False, options=("inducing", "pool")),
 ):
     VARIANTS[_v.name] = _v

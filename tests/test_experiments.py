@@ -85,6 +85,8 @@ def test_each_task_trains(tmp_path, name, variant):
     assert math.isfinite(summary["valid_loss"]) and summary["tokens_per_s"] > 0
     assert (Path(cfg.out_dir) / "curves.png").stat().st_size > 0
     assert summary["variant"] == variant and summary["task"] == cfg.task
+    if name == "maxset":  # the set task's config trains ISAB blocks pooled by PMA
+        assert dict(cfg.variant_options) == {"pool": "pma"}
 
 
 def test_help_lists_every_key_with_its_type_and_the_configs_default(capsys):
