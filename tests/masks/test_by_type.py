@@ -53,6 +53,7 @@ def test_block_maps_are_exact_on_type_runs(blocks):
     )
 
 
+@pytest.mark.slow
 def test_mixformer_templates_ignore_search_and_xla_matches_reference():
     types = jnp.array([[0] * 5 + [1] * 8])
     m = masks.mixformer(types)

@@ -60,6 +60,7 @@ def test_set_blocks_equivariant_invariant_and_padding():
     assert_close(zb[0, :6], za[0, :6], 1e-5, "ISAB ignores padding")
 
 
+@pytest.mark.slow
 def test_pma_zero_query_key_weights_attend_uniformly():
     pma = nn.PMA(4, 2, 2, rngs=nnx.Rngs(0))
     for lin in (pma.mab.fc_q, pma.mab.fc_k):

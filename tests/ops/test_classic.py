@@ -47,6 +47,7 @@ def test_additive_known_answer():
     assert_close(got[0, :, 0], want, 2e-5, "tanh(q1 + k1)")
 
 
+@pytest.mark.slow
 def test_context_pooling_is_softmax_pooling():
     k = _keys(3, 2)
     h, u, ctx = normal(k[0], (2, 7, 5)), jnp.tanh(normal(k[1], (2, 7, 3))), normal(k[2], (3,))
