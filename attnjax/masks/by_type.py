@@ -195,3 +195,10 @@ def speaker_heads(speaker_ids: Int[Array, "B T"], intra: Array, *, causal_order:
     same = document(speaker_ids)
     out = (Heads(flags) & same) | (Heads(~flags) & ~same)
     return out & causal() if causal_order else out
+
+
+def composite(types: Int[Array, "B T"], visual: int = 0, text: int = 1) -> Mask:
+    """EE-MLLM's composite attention (a reading): no visual-visual self-attention (visual rows see
+    nothing and give zeros; the visual path is the layer's MLP), text sees every visual token and
+    the text causally."""
+    return by_type(types, {(text, visual): "full", (text, text): "causal"})

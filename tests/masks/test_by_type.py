@@ -95,3 +95,17 @@ def test_isolation_and_speaker_heads():
     bm = np.asarray(m.block_map(5, 5, 2, 2, batch=1))
     want = dense_tile_classes(np.asarray(m.materialize(5, 5, batch=1, heads=2)), 2, 2)
     assert ((bm == want) | (bm == masks.PARTIAL)).all()
+
+
+def test_vidt_and_composite_by_hand():
+    types = jnp.array([[0, 0, 0, 0, 1, 1]])  # 4 patches (two windows of 2), 2 [DET]
+    d = np.asarray(masks.vidt(types, masks.chunked(2)).materialize(6, 6, batch=1))[0, 0].astype(int)
+    want = np.zeros((6, 6), int)
+    want[0:2, 0:2] = want[2:4, 2:4] = 1  # patches: their window, never [DET]
+    want[4:, :] = 1  # [DET] sees [DET] and every patch
+    np.testing.assert_array_equal(d, want)
+    d = np.asarray(masks.composite(jnp.array([[0, 0, 1, 1, 1]])).materialize(5, 5, batch=1))[0, 0].astype(int)
+    want = np.zeros((5, 5), int)
+    want[2:, :2] = 1
+    want[2:, 2:] = np.tril(np.ones((3, 3), int))
+    np.testing.assert_array_equal(d, want)
