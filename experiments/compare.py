@@ -28,6 +28,16 @@ TASK_CONFIGS = {"charlm": "tiny_charlm", "mqar": "mqar", "digits": "digits"}
 DEFAULT_VARIANTS = ("softmax", "sigmoid", "linear", "lightning", "agent")
 # Steps per task: one budget for every variant (small enough for a CPU; rank, not convergence).
 STEPS = {"charlm": 150, "mqar": 200, "digits": 150}
+# zoo part 4: the set task, and ISAB in the default grid (it runs on digits and maxset)
+TASK_CONFIGS["maxset"], STEPS["maxset"] = "maxset", 200
+DEFAULT_VARIANTS += ("isab",)
+
+
+def _set_pooling(variant: str, task: str) -> list[str]:
+    """On the set task the Set Transformer variants pool by PMA; the others by the mean."""
+    if task != "maxset":
+        return []
+    return ["variant_options={'pool': 'pma'}" if variant in ("sab", "isab") else "variant_options={}"]
 
 
 def grid(variant_names, task_names):
@@ -48,7 +58,7 @@ def run_grid(variant_names, task_names, *, steps: int | None, out_dir: Path, ext
         n = steps or STEPS[t]
         cfg = config.load(TASK_CONFIGS[t], [
             f"variant={v}", f"steps={n}", f"eval_every={n}", f"warmup={max(1, n // 10)}",
-            "checkpoint_every=0", "plot=false", f"out_dir={out_dir / f'{t}-{v}-{seed}'}", *extra,
+            "checkpoint_every=0", "plot=false", f"out_dir={out_dir / f'{t}-{v}-{seed}'}", *_set_pooling(v, t), *extra,
             f"seed={seed}",
         ])
         print(f"[{i + 1}/{len(runs)}] {t} / {v} / seed {seed}: {n} steps", flush=True)

@@ -43,6 +43,10 @@ class Model(nnx.Module):
             )
         self.blocks = nnx.List(blocks)
         self.norm = sharding.layer_norm(C, rngs=rngs)
+        # Set Transformer pooling (variant_options {"pool": "pma"}): one learned seed attends over
+        # the tokens (PMA_1) in place of the mean, for per-example tasks
+        pma = not task.per_token and cfg.variant_options.get("pool") == "pma"
+        self.pool = nn.PMA(C, cfg.heads, 1, implementation=cfg.implementation, rngs=rngs) if pma else None
         self.head = sharding.linear(C, task.num_outputs, ("embed", "vocab"), rngs=rngs)
 
     def __call__(self, inputs: Array) -> tuple[Array, Array]:
@@ -55,7 +59,7 @@ class Model(nnx.Module):
                 aux = aux + extra
         x = self.norm(x)
         if not self.per_token:
-            x = jnp.mean(x, axis=1)
+            x = jnp.mean(x, axis=1) if self.pool is None else self.pool(x)[:, 0]
         return self.head(x), aux
 
 

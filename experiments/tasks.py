@@ -244,3 +244,34 @@ def get(name: str, cfg=None) -> Task:
         V = _mqar_vocab(cfg)
         task = dataclasses.replace(task, vocab_size=V, num_outputs=V)
     return task
+
+
+# -- a synthetic set task: the maximum of a set of digits (zoo part 4, Set Transformer) -----------
+
+
+def _set_size(cfg) -> int:
+    return int(cfg.task_options.get("set_size", 16))
+
+
+def _maxset_batch(cfg, rng, split):
+    """Sets of ``set_size`` digits 0..9 (features ``digit / 9``); the target is the set's maximum.
+    The digits are drawn with a per-set upper bound so every maximum is about equally common."""
+    B, n = cfg.batch_size, _set_size(cfg)
+    top = rng.integers(0, 10, (B, 1))
+    digits = rng.integers(0, top + 1, (B, n))
+    digits[np.arange(B), rng.integers(0, n, B)] = top[:, 0]  # the maximum occurs
+    return {"inputs": (digits[..., None] / 9.0).astype(np.float32), "targets": top[:, 0].astype(np.int32),
+            "weights": np.ones(B, np.float32)}
+
+
+def _maxset_check(cfg) -> None:
+    if _set_size(cfg) < 1:
+        raise ValueError(f"maxset: task_options['set_size'] must be >= 1; got {_set_size(cfg)}")
+
+
+MAXSET = Task(
+    name="maxset", causal=False, per_token=False, vocab_size=None, input_features=1, num_outputs=10,
+    metric="accuracy", make_batch=_maxset_batch, length=_set_size, options=("set_size",),
+    check_data=_maxset_check,
+)
+TASKS[MAXSET.name] = MAXSET

@@ -257,3 +257,23 @@ VARIANTS.update({v.name: v for v in (
     Variant("diffqkv", _diffqkv, "Sigma: Differential Rescaling of Query, Key and Value for Efficient Language "
             "Models (Lin et al. 2025)", options=("value_top_k",)),
 )})
+
+
+# -- zoo part 4: Set Transformer blocks as the attention layer (bidirectional: sets) ---------------
+
+
+def _sab(spec):
+    return nn.SAB(spec.features, spec.features, spec.heads, implementation=spec.implementation, rngs=spec.rngs)
+
+
+def _isab(spec):
+    return nn.ISAB(spec.features, spec.features, spec.heads, spec.options.get("inducing", 8),
+                   implementation=spec.implementation, rngs=spec.rngs)
+
+
+for _v in (
+    # "pool": "pma" makes the model pool by PMA (experiments/model.py) instead of the mean
+    Variant("sab", _sab, "Set Transformer (Lee et al. 2019): SAB", causal=False, options=("pool",)),
+    Variant("isab", _isab, "Set Transformer (Lee et al. 2019): ISAB", causal=False, options=("inducing", "pool")),
+):
+    VARIANTS[_v.name] = _v

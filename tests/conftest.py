@@ -43,6 +43,8 @@ ZOO = (
     "attnjax/ops/kernelized/", "attnjax/ops/scored/", "attnjax/ops/heads/", "attnjax/ops/gathered/",
     "attnjax/nn/cnn/", "attnjax/nn/vision_", "attnjax/nn/deformable.py", "attnjax/nn/scored.py",
     "attnjax/nn/heads.py", "attnjax/nn/pooling.py", "attnjax/nn/skim.py", "attnjax/nn/shrp.py",
+    "tests/ops/test_classic.py", "tests/nn/test_classic_nn.py", "attnjax/ops/classic/", "attnjax/nn/classic.py",
+    "attnjax/nn/fit.py", "attnjax/nn/graph.py", "attnjax/nn/set_transformer.py",
 )
 FAST_EXPERIMENTS = ("test_bad_configs",)  # config checks; the training runs are slow
 # A parametrized check of an op or module compiles a program per case: the fast tier keeps the first

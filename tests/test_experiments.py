@@ -74,7 +74,8 @@ def _copy(run: Path, tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("name, variant",
-                         [("tiny_charlm", "softmax"), ("mqar", "linear"), ("digits", "agent")])
+                         [("tiny_charlm", "softmax"), ("mqar", "linear"), ("digits", "agent"),
+                          ("maxset", "isab")])
 def test_each_task_trains(tmp_path, name, variant):
     cfg = _cfg(name, tmp_path, "steps=4", f"variant={variant}", "plot=true", "lr=1e-2")
     summary = train.run(cfg, quiet=True)
@@ -84,6 +85,8 @@ def test_each_task_trains(tmp_path, name, variant):
     assert math.isfinite(summary["valid_loss"]) and summary["tokens_per_s"] > 0
     assert (Path(cfg.out_dir) / "curves.png").stat().st_size > 0
     assert summary["variant"] == variant and summary["task"] == cfg.task
+    if name == "maxset":  # the set task's config trains ISAB blocks pooled by PMA
+        assert dict(cfg.variant_options) == {"pool": "pma"}
 
 
 def test_help_lists_every_key_with_its_type_and_the_configs_default(capsys):
@@ -388,4 +391,5 @@ def test_every_variant_builds_for_the_tasks_it_fits():
             want = (2, 16, task.num_outputs) if task.per_token else (2, task.num_outputs)
             assert logits.shape == want and aux.shape == (), name
             fitted += 1
-    assert fitted >= 2 * len(variants.VARIANTS) - 4  # only lightning, agent, maxvit are one-sided
+    # every variant fits the tasks its flags allow (one-sided ones: lightning, agent, maxvit, sab, isab)
+    assert fitted == sum(int(v.causal) + int(v.bidirectional) for v in variants.VARIANTS.values())

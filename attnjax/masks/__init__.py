@@ -62,3 +62,11 @@ __all__ = [
 from attnjax.masks.topk import TopKeys, prefix_thresholds, topk_keys
 
 __all__ += ["TopKeys", "prefix_thresholds", "topk_keys"]
+
+# Zoo part 4 (issue 23): masks by token type (cross-modal rules).
+from attnjax.masks.by_type import (
+    ByType, Heads, by_type, composite, isolation, mixformer, modality_mutual, speaker_heads, vidt,
+)
+
+__all__ += ["ByType", "Heads", "by_type", "composite", "isolation", "mixformer", "modality_mutual", "speaker_heads",
+            "vidt"]

@@ -89,3 +89,18 @@ __all__ += ["BoxRPBCrossAttention", "CATANetAttention", "ChannelGroupAttention",
 from attnjax.nn import cnn
 
 __all__ += ["cnn"]
+
+
+# Zoo part 4 (issue 23): set and graph modules.
+from attnjax.nn.set_transformer import ISAB, MAB, PMA, SAB
+
+__all__ += ["MAB", "SAB", "ISAB", "PMA"]
+from attnjax.nn.graph import GraphAttention
+
+__all__ += ["GraphAttention"]
+from attnjax.nn.fit import FITBlock
+
+__all__ += ["FITBlock"]
+from attnjax.nn.classic import AdditiveAttention, BiDAFAttention, EfficientProbe, GatedMILPooling, LabelAttention
+
+__all__ += ["AdditiveAttention", "BiDAFAttention", "EfficientProbe", "GatedMILPooling", "LabelAttention"]

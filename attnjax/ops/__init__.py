@@ -125,3 +125,40 @@ __all__ += ["cosine_assign", "token_aggregation_attention"]
 from attnjax.ops.vision.vwa import varying_window_attention
 
 __all__ += ["varying_window_attention"]
+
+
+# Zoo part 4 (issue 23): set, classic and cross-modal attention.
+from attnjax.ops.classic.additive import additive_attention, context_pooling
+from attnjax.ops.classic.gat import gat_attention, gat_edge_list, gatv2_attention
+from attnjax.ops.classic.set_transformer import mab_attention
+
+__all__ += ["additive_attention", "context_pooling", "gat_attention", "gat_edge_list", "gatv2_attention",
+            "mab_attention"]
+from attnjax.ops.classic.bidaf import bidaf_attention, bidaf_similarity
+from attnjax.ops.classic.reversed import reversed_attention
+from attnjax.ops.classic.sentinel import sentinel_attention
+
+__all__ += ["bidaf_attention", "bidaf_similarity", "reversed_attention", "sentinel_attention"]
+from attnjax.ops.classic.dual_cross import glca_attention, glca_queries, pwca_attention
+from attnjax.ops.classic.pooling import (
+    efficient_probe, gated_mil_features, gated_mil_pooling, label_attention, stkim_keep,
+)
+
+__all__ += ["glca_attention", "glca_queries", "pwca_attention", "efficient_probe", "gated_mil_features",
+            "gated_mil_pooling", "label_attention", "stkim_keep"]
+from attnjax.ops.classic.lightconv import dynamic_conv, lightweight_conv
+
+__all__ += ["dynamic_conv", "lightweight_conv"]
+from attnjax.ops.classic.latent import (
+    alignment_elbo, alignment_marginal, categorical_kl, doubly_stochastic_penalty, hard_attention,
+    reinforce_surrogate,
+)
+
+__all__ += ["alignment_elbo", "alignment_marginal", "categorical_kl", "doubly_stochastic_penalty", "hard_attention",
+            "reinforce_surrogate"]
+from attnjax.ops.classic.region import reference_scaling, region_attention
+
+__all__ += ["reference_scaling", "region_attention"]
+from attnjax.ops.classic.coarse_to_fine import coarse_to_fine_attention, coarse_to_fine_hard, grid_cells, sparsemax
+
+__all__ += ["coarse_to_fine_attention", "coarse_to_fine_hard", "grid_cells", "sparsemax"]

@@ -25,6 +25,18 @@ MODULES = {
     "maxvit": lambda r: nn.MaxViTBlock(2, 16, window=2, grid=2, rngs=r),
     "l2vit": lambda r: nn.L2ViTBlockPair(2, 16, window=2, rngs=r),
 }
+# zoo part 4 (issue 23): set, graph and classic attention layers
+MODULES.update({
+    "set_isab": lambda r: nn.ISAB(16, 16, 2, 4, ln=True, rngs=r),
+    "set_pma": lambda r: nn.PMA(16, 2, 2, ln=True, rngs=r),
+    "gat": lambda r: nn.GraphAttention(16, 4, 2, version=2, rngs=r),
+    "fit": lambda r: nn.FITBlock(16, 2, group_size=4, rngs=r),
+    "additive": lambda r: nn.AdditiveAttention(16, 16, 8, num_heads=2, rngs=r),
+    "bidaf": lambda r: nn.BiDAFAttention(16, rngs=r),
+    "probe": lambda r: nn.EfficientProbe(16, 2, rngs=r),
+    "mil": lambda r: nn.GatedMILPooling(16, 8, branches=2, rngs=r),
+    "label": lambda r: nn.LabelAttention(16, 2, 8, rngs=r),
+})
 
 
 @pytest.mark.parametrize("name", MODULES)
