@@ -162,3 +162,6 @@ __all__ += ["reference_scaling", "region_attention"]
 from attnjax.ops.classic.coarse_to_fine import coarse_to_fine_attention, coarse_to_fine_hard, grid_cells, sparsemax
 
 __all__ += ["coarse_to_fine_attention", "coarse_to_fine_hard", "grid_cells", "sparsemax"]
+from attnjax.ops.sparse.blocktf import block_embed, block_token_attention
+
+__all__ += ["block_embed", "block_token_attention"]
