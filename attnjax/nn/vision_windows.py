@@ -23,6 +23,13 @@ def _check_map(x, C, name="x"):
         raise ValueError(f"{name} must have shape [batch, height, width, C={C}]; got {x.shape}")
 
 
+def _relative_table(heads: int, window: int, rngs: nnx.Rngs) -> nnx.Param:
+    """A Swin-style relative position bias table ``[H, 2 window - 1, 2 window - 1]`` (truncated
+    normal, std 0.02), read by :func:`attnjax.score_mods.relative_bias_2d`."""
+    n = 2 * window - 1
+    return param(0.02 * jax.random.truncated_normal(rngs.params(), -2, 2, (heads, n, n)), "heads", None, None)
+
+
 class HaloAttention(nnx.Module):
     r"""HaloNet's blocked local self-attention with a halo and factorized content-relative
     logits (:func:`attnjax.ops.halo_attention`) on a ``[B, h, w, C]`` map.
@@ -262,10 +269,7 @@ class GlobalWindowAttention(nnx.Module):
         _, self.key, self.value, self.out = head_projections(
             C, H, C // H, use_bias=use_bias, dtype=dtype, rngs=rngs
         )
-        n = 2 * window - 1
-        self.rel_table = param(
-            0.02 * jax.random.truncated_normal(rngs.params(), -2, 2, (H, n, n)), "heads", None, None
-        )
+        self.rel_table = _relative_table(H, window, rngs)
 
     def __call__(
         self, x: Float[Array, "B h w C"], q_global: Float[Array, "B p p H D"]
@@ -408,10 +412,7 @@ class VSAWindowAttention(nnx.Module):
             bias_metadata=axes("heads", None),
         )
         self.offsets, self.scales = reg(), reg()
-        n = 2 * window - 1
-        self.rel_table = param(
-            0.02 * jax.random.truncated_normal(rngs.params(), -2, 2, (H, n, n)), "heads", None, None
-        )
+        self.rel_table = _relative_table(H, window, rngs)
 
     def __call__(self, x: Float[Array, "B h w C"]) -> Float[Array, "B h w C"]:
         _check_map(x, self.in_features)
